@@ -1,0 +1,142 @@
+"""The ``vmmig`` command line: ``run`` and ``plugins``.
+
+Errors are printed as one line (``vmmig: error: ...``), never a traceback.
+Exit status: 0 completed, 1 failed, 2 bad plan or usage, 130 cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vmmig import __version__
+from vmmig.config import MigrationPlan, load_plan, plan_fields
+from vmmig.errors import ConfigError, VmmigError
+from vmmig.integrity import human_size
+from vmmig.plugin_host import PluginHost
+from vmmig.report import MigrationReport
+from vmmig.runner import run_migration
+
+
+__all__ = ["main", "summary"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # noqa: ANN401 (argparse's own signature)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vmmig", description="Live-migrate (confidential) virtual machines.")
+    parser.add_argument("--version", action="version", version=f"vmmig {__version__}")
+    parser.add_argument("--disable-plugin", action="append", default=[], metavar="NAME",
+                        help="do not load this plugin (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="start a test VM and live-migrate it")
+    run.add_argument("--config", type=Path, metavar="PLAN.toml",
+                     help="migration plan; options given here override it")
+    for field in plan_fields():
+        option = "--tech" if field.name == "tech" else f"--{field.name}"
+        if field.flag:
+            run.add_argument(option, dest=field.name, action=argparse.BooleanOptionalAction,
+                             default=None, help=field.help)
+        else:
+            run.add_argument(option, dest=field.name, default=None, metavar=field.metavar,
+                             help=field.help)
+
+    sub.add_parser("plugins", help="list plugins, their technologies and hooks")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vmmig`` script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="vmmig: %(name)s: %(message)s")
+    try:
+        host = PluginHost(disabled=args.disable_plugin)
+        if args.command == "plugins":
+            _print_plugins(host)
+            return EXIT_OK
+        overrides = {field.name: getattr(args, field.name) for field in plan_fields()
+                     if getattr(args, field.name) is not None}
+        plan = load_plan(args.config, overrides)
+        return _run(plan, host)
+    except ConfigError as err:
+        print(f"vmmig: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except VmmigError as err:
+        print(f"vmmig: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("vmmig: interrupted", file=sys.stderr)
+        return EXIT_CANCELLED
+
+
+def _run(plan: MigrationPlan, host: PluginHost) -> int:
+    def announce(line: str) -> None:
+        print(f"vmmig: {line}", file=sys.stderr, flush=True)
+
+    report = asyncio.run(run_migration(plan, host, announce=announce))
+    print(summary(report))
+    if plan.json is not None:
+        try:
+            Path(plan.json).write_text(report.dumps())
+        except OSError as err:
+            print(f"vmmig: error: cannot write the report to {plan.json}: {err.strerror}",
+                  file=sys.stderr)
+            return EXIT_FAILED
+    if report.status == "completed":
+        return EXIT_OK
+    return EXIT_CANCELLED if report.status == "cancelled" else EXIT_FAILED
+
+
+def summary(report: MigrationReport) -> str:
+    """The human summary table printed at the end of ``vmmig run``."""
+    ram = report.ram
+    rows = [
+        ("status", report.status),
+        ("technology", f"{report.technology} on {report.platform}"),
+        ("integrity", "not checked" if report.integrity is None
+         else ("ok" if report.integrity.ok else "FAILED")),
+    ]
+    if report.integrity is not None:
+        rows += [(f"  {name}", detail) for name, detail in report.integrity.checks.items()]
+    rows += [
+        ("total time", f"{report.total_time} ms"),
+        ("downtime", "-" if report.downtime is None else f"{report.downtime} ms"),
+        ("setup time", f"{report.setup_time} ms"),
+        ("transferred", human_size(ram.transferred)),
+        ("memory", f"{human_size(ram.total)} ({ram.normal} normal, {ram.duplicate} zero pages)"),
+        ("throughput", f"{ram.mbps:.0f} Mbit/s"),
+        ("passes", str(ram.dirty_sync_count)),
+        ("dirty rate", f"{ram.dirty_pages_rate} pages/s"),
+        ("source VM", report.source),
+    ]
+    rows += [(f"phase {name}", f"{ms} ms") for name, ms in report.phases.items()]
+    if report.error:
+        rows.append(("error", report.error))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _print_plugins(host: PluginHost) -> None:
+    for info in host.plugins():
+        origin = info.distribution or "built-in"
+        print(f"{info.name} {info.version} ({origin})")
+        for tech in info.technologies:
+            state = f" [unavailable: {tech.unavailable}]" if tech.unavailable else ""
+            print(f"  technology {tech.name}: {tech.summary}{state}")
+            print(f"    platforms: {', '.join(tech.platforms)}")
+            if tech.features:
+                print(f"    features: {', '.join(sorted(tech.features))}")
+        print(f"  hooks: {', '.join(info.hooks)}")

@@ -1,0 +1,186 @@
+"""The migration plan: TOML file and command line, loaded into frozen attrs data.
+
+Every plan field is a top-level TOML key and a ``vmmig run`` option of the
+same name (``downtime-limit = 300`` / ``--downtime-limit 300``); an option
+overrides the file.  Values are converted and validated at load time, so a
+bad plan fails with one line naming the field, before any VM is touched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+import tomli
+
+from vmmig.errors import ConfigError
+
+
+__all__ = ["MigrationPlan", "PlanField", "load_plan", "parse_size", "plan_fields"]
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: object) -> int:
+    """Parse a size like QEMU's ``-m``: ``1G``, ``512M``, ``1GiB``; a bare number is MiB."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 1G or 512M")
+    if isinstance(value, int):
+        return value << 20
+    if not isinstance(value, str) or not (match := _SIZE.match(value)):
+        raise ValueError(f"expected a size such as 1G or 512M, got {value!r}")
+    number, unit = int(match[1]), match[2].upper()
+    return number << 20 if not unit else number * _UNITS[unit]
+
+
+def _integer(low: int, high: int | None = None, unit: str = "") -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f"expected an integer, got {value!r}")
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {value!r}") from None
+        if number < low or (high is not None and number > high):
+            bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise ValueError(f"must be {bound}{unit}, got {number}")
+        return number
+
+    return parse
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected a number of seconds, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {value!r}") from None
+    if number < 0:
+        raise ValueError(f"must be 0 (no limit) or more seconds, got {number:g}")
+    return number
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in {"true", "yes", "on", "1"}:
+        return True
+    if isinstance(value, str) and value.lower() in {"false", "no", "off", "0"}:
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    return parse
+
+
+def _workload(value: object) -> str:
+    # The workloads a platform offers are checked when the VM starts; here only the shape.
+    if not isinstance(value, str) or not re.match(r"^[a-z][a-z0-9-]*(:[^\s]+)?$", value):
+        raise ValueError(f"expected a workload such as ab, idle or dirty:64M, got {value!r}")
+    return value
+
+
+def _uri(value: object) -> str:
+    if not isinstance(value, str) or not re.match(r"^(tcp:[^:]+:\d+|unix:/.+)$", value):
+        raise ValueError(f"expected tcp:HOST:PORT or unix:/PATH, got {value!r}")
+    return value
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+@attrs.frozen
+class PlanField:
+    """How one plan field is named, parsed and documented."""
+
+    name: str
+    parse: Callable[[object], Any]
+    help: str
+    metavar: str | None = None
+    flag: bool = False
+
+
+def _field(default: Any, parse: Callable[[object], Any], help_: str, metavar: str | None = None,
+           *, flag: bool = False) -> Any:
+    return attrs.field(default=default, metadata={"vmmig": (parse, help_, metavar, flag)})
+
+
+@attrs.frozen(kw_only=True)
+class MigrationPlan:
+    """Everything one ``vmmig run`` needs to know, validated."""
+
+    tech: str = _field("plain", _text, "migration technology (see `vmmig plugins`)", "NAME")
+    platform: str = _field("qemu", _choice("qemu", "emu"), "where the VMs run: qemu or emu")
+    memory: int = _field(1 << 30, parse_size, "guest RAM, e.g. 1G or 512M", "SIZE")
+    vcpus: int = _field(1, _integer(1, 64), "guest vCPUs", "N")
+    workload: str = _field("ab", _workload, "guest program: ab (dirties every page) or idle")
+    accel: str = _field("auto", _choice("auto", "kvm", "tcg"), "QEMU accelerator: auto, kvm or tcg")
+    bandwidth: int = _field(0, _integer(0, unit=" MiB/s"), "bandwidth cap in MiB/s (0: none)",
+                            "MIB")
+    downtime_limit: int = _field(300, _integer(1, unit=" ms"), "allowed downtime in ms", "MS")
+    auto_converge: bool = _field(False, _boolean, "throttle the guest's vCPUs to converge",
+                                 flag=True)
+    multifd_channels: int = _field(0, _integer(0, 255), "parallel channels (0: one stream)", "N")
+    timeout: float = _field(600.0, _seconds,
+                            "give up (and roll back) after this many seconds (0: never)", "S")
+    transport: str = _field("tcp", _choice("tcp", "unix"), "migration channel: tcp or unix")
+    listen: str = _field("127.0.0.1", _text, "address the target listens on (tcp)", "ADDR")
+    migrate_uri: str | None = _field(None, _uri, "URI the source connects to "
+                                     "(default: where the target listens)", "URI")
+    json: str | None = _field(None, _text, "write the report as JSON to this file", "FILE")
+
+
+def plan_fields() -> tuple[PlanField, ...]:
+    """The plan's fields, with their option names (``downtime-limit``) and help."""
+    out = []
+    for attribute in attrs.fields(MigrationPlan):
+        parse, help_, metavar, flag = attribute.metadata["vmmig"]
+        out.append(PlanField(attribute.name.replace("_", "-"), parse, help_, metavar, flag))
+    return tuple(out)
+
+
+def load_plan(path: Path | None = None, overrides: Mapping[str, object] | None = None) -> MigrationPlan:
+    """Load a plan from a TOML file, then apply command-line overrides.
+
+    :param path: the TOML plan, or None for defaults only.
+    :param overrides: option name (``downtime-limit``) -> raw value from the command line.
+    :raises ConfigError: naming the file or option and the field.
+    """
+    fields = {field.name: field for field in plan_fields()}
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with path.open("rb") as stream:
+                document = tomli.load(stream)
+        except OSError as err:
+            raise ConfigError(str(path), f"cannot read the plan: {err.strerror}") from None
+        except tomli.TOMLDecodeError as err:
+            raise ConfigError(str(path), f"not valid TOML: {err}") from None
+        for key, raw in document.items():
+            if key not in fields:
+                raise ConfigError(f"{path}: {key}", f"unknown field; known: {', '.join(fields)}")
+            values[key] = _convert(fields[key], raw, f"{path}: {key}")
+    for key, raw in (overrides or {}).items():
+        values[key] = _convert(fields[key], raw, f"--{key}")
+    return MigrationPlan(**{key.replace("-", "_"): value for key, value in values.items()})
+
+
+def _convert(field: PlanField, raw: object, where: str) -> Any:
+    try:
+        return field.parse(raw)
+    except ValueError as err:
+        raise ConfigError(where, str(err)) from None

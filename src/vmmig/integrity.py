@@ -1,0 +1,73 @@
+"""Technology-neutral integrity checks over guest memory (pure functions)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+
+import attrs
+
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+
+__all__ = ["MemoryComparison", "compare_memory", "human_size"]
+
+PAGE = 4096
+# Large enough that the comparison runs at memcmp speed, small enough to
+# find the first differing page without comparing page by page.
+_CHUNK = 16 << 20
+
+
+@attrs.frozen
+class MemoryComparison:
+    """The result of comparing two guests' memory page by page."""
+
+    size: int
+    differing_pages: int
+    first_gpa: int | None
+
+    @property
+    def identical(self) -> bool:
+        """True when every byte matched (and the sizes agree)."""
+        return self.differing_pages == 0
+
+    def describe(self) -> str:
+        """One line for the summary."""
+        if self.identical:
+            return f"{human_size(self.size)} identical"
+        assert self.first_gpa is not None
+        return (f"{self.differing_pages} of {self.size // PAGE} pages differ, "
+                f"first at GPA {self.first_gpa:#x}")
+
+
+def compare_memory(source: Buffer, target: Buffer) -> MemoryComparison:
+    """Compare two memories byte for byte; count the 4 KiB pages that differ.
+
+    Memories of different sizes never compare equal: the extra pages count as
+    differing.
+    """
+    a, b = memoryview(source).cast("B"), memoryview(target).cast("B")
+    size = min(len(a), len(b))
+    differing = (max(len(a), len(b)) - size + PAGE - 1) // PAGE
+    first: int | None = size if differing else None
+    for start in range(0, size, _CHUNK):
+        end = min(size, start + _CHUNK)
+        if a[start:end] == b[start:end]:
+            continue
+        for page in range(start, end, PAGE):
+            if a[page:page + PAGE] != b[page:page + PAGE]:
+                differing += 1
+                first = page if first is None or page < first else first
+    return MemoryComparison(max(len(a), len(b)), differing, first)
+
+
+def human_size(n: int) -> str:
+    """``1073741824`` -> ``"1.0 GiB"``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover

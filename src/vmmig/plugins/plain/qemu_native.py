@@ -1,0 +1,188 @@
+"""``plain`` on the ``qemu`` platform: QEMU's own precopy migration.
+
+QEMU's stream carries memory, CPU and device state together and QEMU stops
+the source itself when it converges, so this technology leaves out the
+``stop_source`` and ``transfer_cpu_state`` steps.  Events are enabled on
+both sides and the listener is registered before ``migrate``, as libvirt
+and QEMU's qtests do; statistics come from polling ``query-migrate``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from vmmig.errors import IntegrityError, MigrationFailed, PlatformError
+from vmmig.integrity import compare_memory
+from vmmig.migration import Migration
+from vmmig.platforms.qemu import QemuMachine
+from vmmig.report import Progress, RamStats, RoundReport
+from vmmig.workloads import check_workload, wait_guest_progress
+
+
+__all__ = ["finalize", "prepare_target", "rollback", "transfer", "verify"]
+
+#: How often statistics are polled while QEMU migrates.
+POLL_INTERVAL = 0.1
+#: Bound on QEMU's own bookkeeping waits (status settling, cancel taking effect).
+SETTLE_TIMEOUT = 30.0
+#: ``max-bandwidth`` when the plan sets no cap (QEMU's default would be 128 MiB/s).
+UNLIMITED_BANDWIDTH = 1 << 40
+
+
+def _source(migration: Migration) -> QemuMachine:
+    machine = migration.source
+    assert isinstance(machine, QemuMachine)
+    return machine
+
+
+def _target(migration: Migration) -> QemuMachine:
+    machine = migration.target
+    assert isinstance(machine, QemuMachine)
+    return machine
+
+
+async def prepare_target(migration: Migration) -> None:
+    """Launch the paused target with ``-incoming defer`` and start listening."""
+    plan = migration.plan
+    target: QemuMachine = await migration.platform.launch_target()
+    migration.target = target
+    capabilities = [
+        {"capability": "events", "state": True},
+        {"capability": "auto-converge", "state": plan.auto_converge},
+        {"capability": "multifd", "state": plan.multifd_channels > 0},
+    ]
+    parameters: dict[str, Any] = {
+        "downtime-limit": plan.downtime_limit,
+        "max-bandwidth": plan.bandwidth << 20 if plan.bandwidth else UNLIMITED_BANDWIDTH,
+    }
+    if plan.multifd_channels:
+        parameters["multifd-channels"] = plan.multifd_channels
+    for machine in (_source(migration), target):
+        await machine.execute("migrate-set-capabilities", {"capabilities": capabilities})
+        if plan.multifd_channels:
+            await machine.execute("migrate-set-parameters",
+                                  {"multifd-channels": plan.multifd_channels})
+    await _source(migration).execute("migrate-set-parameters", parameters)
+    listen = migration.platform.incoming_uri()
+    await target.execute("migrate-incoming", {"uri": listen})
+    migration.scratch["uri"] = plan.migrate_uri or await _listening_uri(target, listen)
+
+
+async def _listening_uri(target: QemuMachine, listen: str) -> str:
+    """The URI the source must connect to (the real port when listening on port 0)."""
+    if not listen.startswith("tcp:"):
+        return listen
+    info = await target.execute("query-migrate")
+    for address in info.get("socket-address", []):
+        if address.get("type") == "inet":
+            return f"tcp:{address['host']}:{address['port']}"
+    raise PlatformError(f"target: QEMU did not report the port it listens on ({listen})")
+
+
+async def transfer(migration: Migration) -> None:
+    """Run ``migrate`` and follow it to ``completed``, reporting progress and passes."""
+    source = _source(migration)
+    started = time.monotonic()
+    last_pass = 0
+    with source.listen("MIGRATION", "MIGRATION_PASS") as events:
+        await source.execute("migrate", {"uri": migration.scratch["uri"]})
+        migration.scratch["migrating"] = True
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(events.get(), POLL_INTERVAL)
+            info = await source.execute("query-migrate")
+            status = info.get("status", "none")
+            if "ram" in info:
+                ram = RamStats.from_qmp(info["ram"])
+                migration.ram = ram
+                for number in range(last_pass + 1, ram.dirty_sync_count + 1):
+                    migration.round_done(RoundReport(number, ram.transferred, ram.remaining,
+                                                     ram.dirty_pages_rate))
+                last_pass = max(last_pass, ram.dirty_sync_count)
+                if status == "active":
+                    migration.progress(Progress(ram.transferred, ram.remaining, ram.total,
+                                                ram.mbps, ram.dirty_sync_count))
+            if status == "completed":
+                break
+            if status in {"failed", "cancelled"}:
+                reason = info.get("error-desc", status)
+                raise MigrationFailed(f"QEMU migration {status}: {reason}")
+            if source.exited:
+                raise PlatformError("source: QEMU exited during migration")
+    await _settle_completed(migration, started)
+    await _wait_target_received(_target(migration))
+
+
+async def _settle_completed(migration: Migration, started: float) -> None:
+    # QEMU 7.2 may report "completed" before it fills in total-time and downtime.
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while True:
+        info = await _source(migration).execute("query-migrate")
+        if info.get("total-time") and "downtime" in info or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(POLL_INTERVAL)
+    migration.ram = RamStats.from_qmp(info.get("ram", {}))
+    migration.downtime_ms = int(info.get("downtime", 0))
+    migration.setup_ms = int(info.get("setup-time", 0))
+    migration.scratch["qemu-total-time"] = int(info.get("total-time",
+                                                        (time.monotonic() - started) * 1000))
+
+
+async def _wait_target_received(target: QemuMachine) -> None:
+    """The target has loaded the whole stream (it is paused by ``-S`` then)."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while (status := await target.status()) == "inmigrate":
+        if time.monotonic() > deadline:
+            raise MigrationFailed("target: still loading the migration stream after "
+                                  f"{SETTLE_TIMEOUT:.0f} s")
+        await asyncio.sleep(POLL_INTERVAL)
+    if status not in {"paused", "prelaunch"}:
+        raise MigrationFailed(f"target: unexpected state {status!r} after incoming migration")
+
+
+async def verify(migration: Migration) -> None:
+    """Compare both paused guests' RAM byte for byte, then the workload's own rule."""
+    source, target = _source(migration), _target(migration)
+    for machine in (source, target):
+        if (status := await machine.status()) == "running":
+            raise IntegrityError(f"{machine.name}: guest is running during verification")
+    with source.map_ram() as source_ram, target.map_ram() as target_ram:
+        comparison = await asyncio.to_thread(compare_memory, source_ram, target_ram)
+        migration.record_check("memory", comparison.describe(), ok=comparison.identical)
+        name, detail, ok = await asyncio.to_thread(check_workload, migration.plan.workload,
+                                                    target_ram)
+        migration.record_check(name, detail, ok=ok)
+
+
+async def finalize(migration: Migration) -> None:
+    """Commit, resume the target, check the guest runs there, retire the source."""
+    source, target = _source(migration), _target(migration)
+    migration.commit()
+    await target.cont()
+    with target.map_ram() as ram:
+        ok, detail = await wait_guest_progress(migration.plan.workload, ram, target.status)
+    migration.record_check("guest-running", detail, ok=ok)
+    await source.shutdown()
+
+
+async def rollback(migration: Migration, reason: str) -> None:
+    """Cancel QEMU's migration, destroy the target, and make sure the source runs."""
+    migration.log.info("rolling back: %s", reason)
+    source = _source(migration)
+    if migration.target is not None:
+        await _target(migration).shutdown()
+    if source.exited:
+        raise MigrationFailed(f"source QEMU is gone (exit status {source.returncode}); "
+                              "nothing to resume")
+    if migration.scratch.get("migrating"):
+        await source.execute("migrate_cancel")
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while (status := await source.status()) != "running":
+        if status in {"postmigrate", "paused"}:
+            await source.cont()
+        elif time.monotonic() > deadline:
+            raise MigrationFailed(f"source: still {status!r} {SETTLE_TIMEOUT:.0f} s after cancel")
+        await asyncio.sleep(POLL_INTERVAL)

@@ -1,0 +1,179 @@
+"""The driver: runs one migration by feeding the state machine and doing its I/O.
+
+This is the only place that turns the machine's actions into hook calls,
+maps their outcomes to events, applies the plan's timeout, and turns Ctrl-C
+into a cancel that rolls back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from vmmig.config import MigrationPlan
+from vmmig.core import events as ev
+from vmmig.core.actions import Action, Finish, RollBack, RunStep
+from vmmig.core.machine import MigrationMachine
+from vmmig.core.phases import Phase
+from vmmig.errors import VmmigError
+from vmmig.migration import Migration
+from vmmig.plugin_host import PluginHost, TechnologyHooks
+from vmmig.report import MigrationReport, Status
+
+
+__all__ = ["PlatformOpener", "run_migration"]
+
+#: Opens a platform for a plan: an async context manager that cleans up after itself.
+PlatformOpener = Callable[[MigrationPlan], AbstractAsyncContextManager[Any]]
+
+
+def open_platform(plan: MigrationPlan) -> AbstractAsyncContextManager[Any]:
+    """The platform the plan names."""
+    if plan.platform == "qemu":
+        from vmmig.platforms.qemu.platform import QemuPlatform  # noqa: PLC0415 (heavy, optional)
+
+        return QemuPlatform.open(plan)
+    raise VmmigError(f"platform {plan.platform!r} is not implemented yet")
+
+
+class _Driver:
+    """Feeds one migration's machine; one instance per run."""
+
+    def __init__(self, migration: Migration, hooks: TechnologyHooks, host: PluginHost) -> None:
+        self.migration = migration
+        self.hooks = hooks
+        self.host = host
+        self.machine = MigrationMachine()
+        self.phase_started = time.monotonic()
+        self.phase_ms: dict[str, int] = {}
+        self.cancelled = False
+        self.step: asyncio.Task[None] | None = None
+
+    def feed(self, event: ev.Event) -> Action | None:
+        old = self.machine.phase
+        action = self.machine.receive(event)
+        if self.machine.phase is not old:
+            now = time.monotonic()
+            self.phase_ms[old.value] = int((now - self.phase_started) * 1000)
+            self.phase_started = now
+            self.host.phase_changed(self.migration, old, self.machine.phase)
+        return action
+
+    def cancel(self) -> None:
+        """Ctrl-C: cancel the running step; the loop rolls back."""
+        if not self.cancelled and not self.machine.committed:
+            self.cancelled = True
+            if self.step is not None:
+                self.step.cancel()
+
+    async def run(self, deadline: float | None) -> Finish:
+        action = self.feed(ev.Start())
+        while not isinstance(action, Finish):
+            if isinstance(action, RunStep):
+                action = self.feed(await self._run_step(action.phase, deadline))
+            elif isinstance(action, RollBack):
+                action = self.feed(await self._roll_back(action.reason))
+            else:  # pragma: no cover - the machine returns None only for events we never feed
+                raise AssertionError(f"unexpected action {action!r}")
+        return action
+
+    async def _run_step(self, phase: Phase, deadline: float | None) -> ev.Event:
+        if self.cancelled:
+            return ev.CancelRequested()
+        failures_before = len(self.migration.failures)
+        self.step = asyncio.create_task(self.hooks.run_step(phase, self.migration))
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            await asyncio.wait_for(asyncio.shield(self.step), timeout)
+        except TimeoutError:
+            self.step.cancel()
+            with contextlib.suppress(BaseException):
+                await self.step
+            limit = self.migration.plan.timeout
+            return ev.StepFailed(f"timed out after {limit:g} s in phase {phase.value}")
+        except asyncio.CancelledError:
+            if not self.cancelled:
+                raise
+            return ev.CancelRequested()
+        except VmmigError as err:
+            return ev.StepFailed(str(err))
+        except Exception as err:  # a plugin bug: report it as a failure, roll back
+            return ev.StepFailed(f"{type(err).__name__} in {phase.value}: {err}")
+        finally:
+            self.step = None
+        new_failures = self.migration.failures[failures_before:]
+        if new_failures:
+            return ev.StepFailed("integrity check failed: " + "; ".join(new_failures))
+        return ev.StepDone()
+
+    async def _roll_back(self, reason: str) -> ev.Event:
+        try:
+            await self.hooks.rollback(self.migration, reason)
+        except Exception as err:  # noqa: BLE001 - any failure of rollback is reported, not raised
+            return ev.RollbackFailed(f"rollback failed: {err}")
+        return ev.RollbackDone()
+
+
+@contextlib.asynccontextmanager
+async def _sigint_cancels(driver: _Driver) -> AsyncIterator[None]:
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGINT, driver.cancel)
+    except (NotImplementedError, RuntimeError):  # not the main thread: no signal handling
+        yield
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+
+
+async def run_migration(plan: MigrationPlan, host: PluginHost, *,
+                        opener: PlatformOpener = open_platform,
+                        announce: Callable[[str], None] = lambda _line: None) -> MigrationReport:
+    """Run one migration as ``vmmig run`` does: source VM, migration, checks, report.
+
+    :param plan: the validated plan.
+    :param host: the plugin host (technology selected from ``plan.tech``).
+    :param opener: opens the platform (tests substitute their own).
+    :param announce: receives one-line status messages for the user.
+    :raises VmmigError: when the technology or platform cannot run; nothing
+        was started then.
+    """
+    hooks = host.select(plan.tech, plan.platform)
+    async with opener(plan) as platform:
+        announce(f"platform {plan.platform}: {platform.describe()}")
+        source = await platform.launch_source()
+        announce(f"source VM running the {plan.workload!r} workload")
+        migration = Migration(plan, platform, source=source)
+        driver = _Driver(migration, hooks, host)
+        migration._on_round = lambda r: host.round_done(migration, r)  # noqa: SLF001
+        migration._on_progress = lambda p: host.progress(migration, p)  # noqa: SLF001
+        migration._on_commit = lambda: driver.feed(ev.Committed())  # noqa: SLF001
+        started = time.monotonic()
+        deadline = started + plan.timeout if plan.timeout else None
+        async with _sigint_cancels(driver):
+            finish = await driver.run(deadline)
+        total_ms = int((time.monotonic() - started) * 1000)
+    status: Status = ("completed" if finish.phase is Phase.COMPLETED
+                      else "cancelled" if driver.cancelled else "failed")
+    return MigrationReport(
+        status=status,
+        technology=plan.tech,
+        platform=plan.platform,
+        total_time=total_ms,
+        downtime=migration.downtime_ms,
+        setup_time=migration.setup_ms or 0,
+        ram=migration.ram,
+        phases=driver.phase_ms,
+        integrity=migration.integrity if migration.checks else None,
+        error=finish.reason,
+        source="running" if finish.phase is Phase.ROLLED_BACK else
+        ("retired" if status == "completed" else "unknown"),
+        extra={"phase-history": [p.value for p in driver.machine.history]},
+    )

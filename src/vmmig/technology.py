@@ -1,0 +1,45 @@
+"""What a technology plugin declares about itself (the capability query)."""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+
+
+__all__ = ["PLATFORMS", "Technology"]
+
+#: The platforms vmmig knows: real QEMU, and the emulated confidential platform.
+PLATFORMS = ("qemu", "emu")
+
+_NAME = re.compile(r"^[a-z][a-z0-9-]*$")
+
+
+def _check_name(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
+    if not _NAME.match(value):
+        raise ValueError(f"technology name {value!r} must be lowercase letters, digits, '-'")
+
+
+@attrs.frozen
+class Technology:
+    """A migration technology and where it runs.
+
+    :ivar name: what ``--tech`` selects, e.g. ``"sev-es"``.
+    :ivar summary: one line for ``vmmig plugins``.
+    :ivar platforms: platforms on which its hooks work.
+    :ivar features: optional features it supports (e.g. ``"auto-converge"``).
+    :ivar unavailable: if set, why it cannot run yet; selecting it stops
+        with this message before any VM is touched.
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    summary: str
+    platforms: tuple[str, ...] = attrs.field(converter=tuple)
+    features: frozenset[str] = attrs.field(converter=frozenset, factory=frozenset)
+    unavailable: str | None = None
+
+    @platforms.validator
+    def _check_platforms(self, _attr: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]) -> None:
+        unknown = set(value) - set(PLATFORMS)
+        if unknown:
+            raise ValueError(f"unknown platforms {sorted(unknown)}; known: {', '.join(PLATFORMS)}")
