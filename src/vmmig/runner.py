@@ -44,8 +44,10 @@ def open_platform(plan: MigrationPlan) -> AbstractAsyncContextManager[Any]:
 class _Driver:
     """Feeds one migration's machine; one instance per run."""
 
-    def __init__(self, migration: Migration, hooks: TechnologyHooks, host: PluginHost) -> None:
+    def __init__(self, migration: Migration, hooks: TechnologyHooks, host: PluginHost,
+                 announce: Callable[[str], None]) -> None:
         self.migration = migration
+        self.announce = announce
         self.hooks = hooks
         self.host = host
         self.machine = MigrationMachine()
@@ -61,12 +63,16 @@ class _Driver:
             now = time.monotonic()
             self.phase_ms[old.value] = int((now - self.phase_started) * 1000)
             self.phase_started = now
+            self.announce(f"phase {self.machine.phase.value}")
             self.host.phase_changed(self.migration, old, self.machine.phase)
         return action
 
     def cancel(self) -> None:
         """Ctrl-C: cancel the running step; the loop rolls back."""
-        if not self.cancelled and not self.machine.committed:
+        if self.machine.committed:
+            self.announce("interrupt ignored: the target has already committed")
+        elif not self.cancelled:
+            self.announce("interrupted: cancelling the migration")
             self.cancelled = True
             if self.step is not None:
                 self.step.cancel()
@@ -151,7 +157,7 @@ async def run_migration(plan: MigrationPlan, host: PluginHost, *,
         source = await platform.launch_source()
         announce(f"source VM running the {plan.workload!r} workload")
         migration = Migration(plan, platform, source=source)
-        driver = _Driver(migration, hooks, host)
+        driver = _Driver(migration, hooks, host, announce)
         migration._on_round = lambda r: host.round_done(migration, r)  # noqa: SLF001
         migration._on_progress = lambda p: host.progress(migration, p)  # noqa: SLF001
         migration._on_commit = lambda: driver.feed(ev.Committed())  # noqa: SLF001

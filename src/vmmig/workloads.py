@@ -14,21 +14,29 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from vmmig.errors import ConfigError
-from vmmig.guests.ab_check import ab_region, check_ab
+from vmmig.errors import ConfigError, PlatformError
+from vmmig.guests.ab_check import ab_passes, ab_region, check_ab
 
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 
-__all__ = ["GUEST_WORKLOADS", "check_workload", "guest_image_name", "wait_guest_progress"]
+__all__ = [
+    "GUEST_WORKLOADS",
+    "check_workload",
+    "guest_image_name",
+    "wait_guest_progress",
+    "wait_workload_ready",
+]
 
 #: Workloads a boot-sector guest can run, by name.
 GUEST_WORKLOADS: Final = ("ab", "idle")
 
 #: How long a resumed guest gets to show it runs.
 PROGRESS_TIMEOUT = 30.0
+#: How long a booted guest gets to finish its first pass over memory.
+READY_TIMEOUT = 120.0
 _POLL = 0.05
 
 
@@ -75,3 +83,21 @@ async def wait_guest_progress(workload: str, memory: Buffer,
         if bytes(view[start:end:4096]) != before:
             return True, "guest running, memory changing"
     return False, f"guest memory unchanged for {PROGRESS_TIMEOUT:.0f} s after resume"
+
+
+async def wait_workload_ready(workload: str, memory: Buffer) -> None:
+    """Wait until a booted guest's memory obeys its workload's rule.
+
+    ``ab`` zeroes its pages first, so its rule holds only once it has
+    completed a pass; migrating earlier would compare firmware leftovers.
+
+    :raises PlatformError: when the guest does not get there in time.
+    """
+    if workload != "ab":
+        return
+    deadline = time.monotonic() + READY_TIMEOUT
+    while ab_passes(memory) < 1:
+        if time.monotonic() > deadline:
+            raise PlatformError(f"the ab guest did not finish a pass over its memory within "
+                                f"{READY_TIMEOUT:.0f} s")
+        await asyncio.sleep(_POLL)

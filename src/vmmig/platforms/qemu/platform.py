@@ -19,7 +19,7 @@ from vmmig.guests.build import build_image
 from vmmig.platforms.qemu.fleet import Fleet
 from vmmig.platforms.qemu.host import Accel, QemuBinary, choose_accel, find_qemu
 from vmmig.platforms.qemu.machine import QemuMachine, QemuMachineSpec
-from vmmig.workloads import guest_image_name
+from vmmig.workloads import guest_image_name, wait_workload_ready
 
 
 __all__ = ["QemuPlatform"]
@@ -70,6 +70,8 @@ class QemuPlatform:
                 raise PlatformError(f"source: guest did not boot within {BOOT_TIMEOUT:.0f} s "
                                     "(no 'A' on its serial port)")
             await asyncio.sleep(_POLL)
+        with machine.map_ram() as ram:
+            await wait_workload_ready(self.plan.workload, ram)
         return machine
 
     async def launch_target(self) -> QemuMachine:

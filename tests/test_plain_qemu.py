@@ -1,0 +1,239 @@
+"""``plain`` on real QEMU: live migration end to end, and the faults it must survive.
+
+These tests start real QEMU processes (KVM when /dev/kvm is usable, TCG
+otherwise) and are never skipped.  Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vmmig import hookimpl
+from vmmig.config import MigrationPlan
+from vmmig.platforms.qemu.platform import QemuPlatform
+from vmmig.plugin_host import PluginHost
+from vmmig.runner import run_migration
+from vmmig.workloads import wait_guest_progress
+
+
+pytestmark = pytest.mark.qemu
+
+VMMIG = [sys.executable, "-m", "vmmig"]
+
+
+def qemu_pids() -> set[int]:
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                # Only vmmig's QEMUs: their files live in a "vmmig-" work directory.
+                if b"qemu-system" in argv[0] and any(b"/vmmig-" in arg for arg in argv):
+                    pids.add(int(entry.name))
+    return pids
+
+
+@pytest.fixture
+def no_leftover_qemu():
+    """Fails the test if a QEMU process it started outlives it."""
+    before = qemu_pids()
+    yield
+    deadline = time.monotonic() + 10
+    while (left := qemu_pids() - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, f"QEMU processes left running: {sorted(left)}"
+
+
+class SourceWatch:
+    """A plugin that keeps the migration so the test can inspect the source afterwards."""
+
+    def __init__(self, on_progress=None):
+        self.migration = None
+        self.on_progress = on_progress
+
+    @hookimpl
+    def vmmig_phase_changed(self, migration, old, new):
+        self.migration = migration
+
+    @hookimpl
+    def vmmig_progress(self, migration, progress):
+        if self.on_progress is not None:
+            self.on_progress(migration, progress)
+            self.on_progress = None
+
+
+def migrate_in_process(plan: MigrationPlan, watch: SourceWatch):
+    """Run a migration; before QEMU is torn down, report whether the source guest still runs."""
+    host = PluginHost(entry_points=False)
+    host.pm.register(watch, name="watch")
+    after = {}
+
+    @contextlib.asynccontextmanager
+    async def opener(plan):
+        async with QemuPlatform.open(plan) as platform:
+            yield platform
+            source = watch.migration.source
+            if not source.exited:
+                with source.map_ram() as ram:
+                    after["source"] = await wait_guest_progress(plan.workload, ram,
+                                                                source.status)
+
+    report = asyncio.run(run_migration(plan, host, opener=opener))
+    return report, after.get("source")
+
+
+class TestLiveMigration:
+    def test_dirtying_guest_migrates_live_with_integrity(self, tmp_path, no_leftover_qemu):
+        """The README's command: a dirtying 1 GiB guest moves in several passes, intact."""
+        report_path = tmp_path / "report.json"
+        result = subprocess.run(
+            [*VMMIG, "run", "--tech", "plain", "--platform", "qemu", "--memory", "1G",
+             "--workload", "ab", "--json", str(report_path)],
+            capture_output=True, text=True, timeout=600, check=False)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(report_path.read_text())
+        assert report["status"] == "completed"
+        assert report["integrity"] == "ok"
+        checks = report["integrity-details"]["checks"]
+        assert checks["memory"] == "1.0 GiB identical"
+        assert checks["a-b"].startswith("a-b rule holds on 261888 pages")
+        assert checks["guest-running"] == "guest running, memory changing"
+        assert report["ram"]["dirty-sync-count"] >= 2, "not a live, multi-pass migration"
+        for key in ("transferred", "total", "remaining", "normal", "duplicate",
+                    "dirty-pages-rate", "mbps", "dirty-sync-count"):
+            assert key in report["ram"]
+        assert report["ram"]["total"] >= 1 << 30
+        assert report["total-time"] > 0
+        assert report["downtime"] > 0
+        assert report["setup-time"] >= 0
+        assert set(report["phases"]) >= {"preparing-target", "transferring-memory",
+                                          "verifying", "finalizing"}
+        assert "integrity" in result.stdout
+        assert "a-b" in result.stdout
+
+    @pytest.mark.parametrize("transport", ["unix", "tcp"])
+    def test_idle_guest_over_each_transport(self, transport, no_leftover_qemu):
+        """An idle guest migrates over a Unix socket and over TCP; zero pages are elided."""
+        plan = MigrationPlan(platform="qemu", memory=128 << 20, workload="idle",
+                             transport=transport)
+        report, _ = migrate_in_process(plan, SourceWatch())
+        assert report.status == "completed", report.error
+        assert report.integrity.ok
+        assert report.ram.duplicate > report.ram.normal
+
+    def test_auto_converge_and_multifd_are_applied(self, no_leftover_qemu):
+        """auto-converge and multifd channels from the plan reach QEMU, and it still completes."""
+        seen = {}
+
+        def inspect_params(migration, progress):
+            async def query():
+                caps = await migration.source.execute("query-migrate-capabilities")
+                params = await migration.source.execute("query-migrate-parameters")
+                seen["caps"] = {c["capability"]: c["state"] for c in caps}
+                seen["params"] = params
+            asyncio.get_running_loop().create_task(query())
+
+        plan = MigrationPlan(platform="qemu", memory=256 << 20, workload="ab",
+                             auto_converge=True, multifd_channels=2, downtime_limit=500)
+        report, _ = migrate_in_process(plan, SourceWatch(on_progress=inspect_params))
+        assert report.status == "completed", report.error
+        assert seen["caps"]["auto-converge"] is True
+        assert seen["caps"]["multifd"] is True
+        assert seen["params"]["multifd-channels"] == 2
+        assert seen["params"]["downtime-limit"] == 500
+
+
+class TestFaults:
+    def test_refusing_destination_leaves_source_running(self, tmp_path, no_leftover_qemu):
+        """A destination that refuses connections: clear error, source still running."""
+        with socket_closed_port() as port:
+            plan = MigrationPlan(platform="qemu", memory=128 << 20, workload="ab",
+                                 migrate_uri=f"tcp:127.0.0.1:{port}")
+            report, source = migrate_in_process(plan, SourceWatch())
+        assert report.status == "failed"
+        assert "Connection refused" in report.error
+        assert report.extra["phase-history"][-1] == "rolled-back"
+        assert source == (True, "guest running, memory changing")
+
+    def test_killed_target_leaves_source_running(self, no_leftover_qemu):
+        """The target QEMU killed mid-transfer: the migration fails, the source guest runs on."""
+
+        def kill_target(migration, progress):
+            os.kill(migration.target.pid, signal.SIGKILL)
+
+        plan = MigrationPlan(platform="qemu", memory=512 << 20, workload="ab", bandwidth=64)
+        report, source = migrate_in_process(plan, SourceWatch(on_progress=kill_target))
+        assert report.status == "failed"
+        assert report.extra["phase-history"][-2:] == ["failing", "rolled-back"]
+        assert source == (True, "guest running, memory changing")
+
+    def test_ctrl_c_cancels_and_exits_130(self, tmp_path, no_leftover_qemu):
+        """SIGINT during transfer: migrate_cancel, source running, target gone, exit 130."""
+        report_path = tmp_path / "report.json"
+        process = subprocess.Popen(
+            [*VMMIG, "run", "--memory", "512M", "--workload", "ab", "--bandwidth", "32",
+             "--json", str(report_path)],
+            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            wait_for_line(process, "phase transferring-memory", timeout=180)
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=120)
+        finally:
+            process.kill()
+        assert process.returncode == 130, stderr
+        report = json.loads(report_path.read_text())
+        assert report["status"] == "cancelled"
+        assert report["source-vm"] == "running"
+        assert report["phase-history"][-1] == "rolled-back"
+
+    def test_missing_qemu_is_a_clear_error(self, tmp_path):
+        """Without QEMU on PATH, vmmig says so in one line and exits 1, touching nothing."""
+        env = {**os.environ, "PATH": str(tmp_path)}
+        result = subprocess.run([*VMMIG, "run", "--memory", "128M"], env=env,
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 1
+        assert "qemu-system-x86_64 not found" in result.stderr
+        assert "Traceback" not in result.stderr
+
+    def test_bad_plan_exits_2_with_one_line(self, tmp_path):
+        """A bad plan field: one line naming it, exit status 2."""
+        plan = tmp_path / "plan.toml"
+        plan.write_text("downtime-limit = -5\n")
+        result = subprocess.run([*VMMIG, "run", "--config", str(plan)],
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 2
+        assert result.stderr.strip() == (f"vmmig: error: {plan}: downtime-limit: "
+                                         "must be at least 1 ms, got -5")
+
+
+@contextlib.contextmanager
+def socket_closed_port():
+    """A loopback port that is certainly closed (bound, never listening)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+def wait_for_line(process, text, timeout):
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if text in line:
+            return
+    raise AssertionError(f"{text!r} not seen on stderr: {''.join(seen)}")
