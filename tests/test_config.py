@@ -16,7 +16,8 @@ def write(tmp_path, text):
 
 class TestSizes:
     @pytest.mark.parametrize(("text", "size"), [
-        ("1G", 1 << 30), ("512M", 512 << 20), ("1GiB", 1 << 30), ("64k", 64 << 10), (256, 256 << 20),
+        ("1G", 1 << 30), ("512M", 512 << 20), ("1GiB", 1 << 30), ("64k", 64 << 10),
+        (256, 256 << 20),
     ])
     def test_sizes_parse_like_qemu(self, text, size):
         """Sizes take K/M/G/T suffixes; a bare number is MiB, as QEMU's -m."""

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -219,8 +220,6 @@ class TestFaults:
 @contextlib.contextmanager
 def socket_closed_port():
     """A loopback port that is certainly closed (bound, never listening)."""
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         yield sock.getsockname()[1]

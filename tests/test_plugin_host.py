@@ -117,7 +117,7 @@ class TestSelection:
 
         host = PluginHost(entry_points=False)
         host.pm.register(Impostor(), name="impostor")
-        with pytest.raises(PluginError, match="'plain'.*'impostor'"):
+        with pytest.raises(PluginError, match=r"'plain'.*'impostor'"):
             host.technologies()
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 
 import pytest
 
@@ -133,7 +135,7 @@ class TestHappyPath:
 class TestFailures:
     @pytest.mark.parametrize("step", ["prepare_target", "transfer_memory", "verify_target"])
     def test_failure_before_commit_rolls_back(self, step):
-        """A step that raises before commit leads to rollback, with its reason, and no later step."""
+        """A step that raises before commit rolls back with its reason; no later step runs."""
         tech = ScriptedTech(fail_in=step)
         report, _ = run(tech)
         assert report.status == "failed"
@@ -177,9 +179,6 @@ class TestFailures:
 class TestCancel:
     def test_sigint_cancels_the_running_step_and_rolls_back(self):
         """Ctrl-C (SIGINT) during a step cancels it, rolls back, and reports 'cancelled'."""
-        import os
-        import signal
-
         async def interrupt(tech, task):
             await asyncio.wait_for(tech.hanging.wait(), 10)
             os.kill(os.getpid(), signal.SIGINT)

@@ -114,8 +114,8 @@ class PlanField:
     flag: bool = False
 
 
-def _field(default: Any, parse: Callable[[object], Any], help_: str, metavar: str | None = None,
-           *, flag: bool = False) -> Any:
+def _field(default: Any, parse: Callable[[object], Any], help_: str,  # noqa: ANN401
+           metavar: str | None = None, *, flag: bool = False) -> Any:  # noqa: ANN401 (an attrs field)
     return attrs.field(default=default, metadata={"vmmig": (parse, help_, metavar, flag)})
 
 
@@ -153,7 +153,8 @@ def plan_fields() -> tuple[PlanField, ...]:
     return tuple(out)
 
 
-def load_plan(path: Path | None = None, overrides: Mapping[str, object] | None = None) -> MigrationPlan:
+def load_plan(path: Path | None = None,
+              overrides: Mapping[str, object] | None = None) -> MigrationPlan:
     """Load a plan from a TOML file, then apply command-line overrides.
 
     :param path: the TOML plan, or None for defaults only.
@@ -179,7 +180,7 @@ def load_plan(path: Path | None = None, overrides: Mapping[str, object] | None =
     return MigrationPlan(**{key.replace("-", "_"): value for key, value in values.items()})
 
 
-def _convert(field: PlanField, raw: object, where: str) -> Any:
+def _convert(field: PlanField, raw: object, where: str) -> object:
     try:
         return field.parse(raw)
     except ValueError as err:

@@ -66,7 +66,7 @@ class UnsupportedError(VmmigError):
     """The selected technology, platform or feature is not available."""
 
 
-class IllegalTransition(VmmigError):  # noqa: N818 (h11's name for the same idea)
+class IllegalTransition(VmmigError):
     """The state machine refused an event; its state is unchanged."""
 
     def __init__(self, phase: Phase, event: object) -> None:

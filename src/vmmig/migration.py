@@ -33,6 +33,9 @@ class Migration:
     :ivar ram: the latest memory-transfer statistics.
     :ivar downtime_ms: the guest's downtime, once known.
     :ivar setup_ms: time before the first round started, once known.
+    :ivar on_round: set by the driver: relays rounds to the observer hooks.
+    :ivar on_progress: set by the driver: relays progress to the observer hooks.
+    :ivar on_commit: set by the driver: records the commit point.
     """
 
     plan: MigrationPlan
@@ -47,17 +50,17 @@ class Migration:
     started: float = attrs.Factory(time.monotonic)
     checks: dict[str, str] = attrs.Factory(dict)
     failures: list[str] = attrs.Factory(list)
-    _on_round: Callable[[RoundReport], None] = lambda _round: None
-    _on_progress: Callable[[Progress], None] = lambda _progress: None
-    _on_commit: Callable[[], None] = lambda: None
+    on_round: Callable[[RoundReport], None] = lambda _round: None
+    on_progress: Callable[[Progress], None] = lambda _progress: None
+    on_commit: Callable[[], None] = lambda: None
 
     def round_done(self, round_: RoundReport) -> None:
         """Report a finished precopy round to the observers."""
-        self._on_round(round_)
+        self.on_round(round_)
 
     def progress(self, progress: Progress) -> None:
         """Report transfer progress to the observers."""
-        self._on_progress(progress)
+        self.on_progress(progress)
 
     def record_check(self, name: str, detail: str, *, ok: bool = True) -> None:
         """Record one integrity check's result (failed checks fail the run)."""
@@ -72,4 +75,4 @@ class Migration:
 
     def commit(self) -> None:
         """Declare the commit point: from now on the source must never run again."""
-        self._on_commit()
+        self.on_commit()

@@ -67,6 +67,10 @@ class _Driver:
             self.host.phase_changed(self.migration, old, self.machine.phase)
         return action
 
+    def commit(self) -> None:
+        """The technology passed its commit point; no new action follows."""
+        self.feed(ev.Committed())
+
     def cancel(self) -> None:
         """Ctrl-C: cancel the running step; the loop rolls back."""
         if self.machine.committed:
@@ -88,7 +92,7 @@ class _Driver:
                 raise AssertionError(f"unexpected action {action!r}")
         return action
 
-    async def _run_step(self, phase: Phase, deadline: float | None) -> ev.Event:
+    async def _run_step(self, phase: Phase, deadline: float | None) -> ev.Event:  # noqa: PLR0911 (one return per outcome)
         if self.cancelled:
             return ev.CancelRequested()
         failures_before = len(self.migration.failures)
@@ -120,7 +124,7 @@ class _Driver:
     async def _roll_back(self, reason: str) -> ev.Event:
         try:
             await self.hooks.rollback(self.migration, reason)
-        except Exception as err:  # noqa: BLE001 - any failure of rollback is reported, not raised
+        except Exception as err:
             return ev.RollbackFailed(f"rollback failed: {err}")
         return ev.RollbackDone()
 
@@ -158,9 +162,9 @@ async def run_migration(plan: MigrationPlan, host: PluginHost, *,
         announce(f"source VM running the {plan.workload!r} workload")
         migration = Migration(plan, platform, source=source)
         driver = _Driver(migration, hooks, host, announce)
-        migration._on_round = lambda r: host.round_done(migration, r)  # noqa: SLF001
-        migration._on_progress = lambda p: host.progress(migration, p)  # noqa: SLF001
-        migration._on_commit = lambda: driver.feed(ev.Committed())  # noqa: SLF001
+        migration.on_round = lambda r: host.round_done(migration, r)
+        migration.on_progress = lambda p: host.progress(migration, p)
+        migration.on_commit = driver.commit
         started = time.monotonic()
         deadline = started + plan.timeout if plan.timeout else None
         async with _sigint_cancels(driver):

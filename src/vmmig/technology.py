@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import attrs
 
@@ -20,6 +21,14 @@ def _check_name(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
         raise ValueError(f"technology name {value!r} must be lowercase letters, digits, '-'")
 
 
+def _names(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
+
+
+def _feature_set(values: Iterable[str]) -> frozenset[str]:
+    return frozenset(values)
+
+
 @attrs.frozen
 class Technology:
     """A migration technology and where it runs.
@@ -34,12 +43,13 @@ class Technology:
 
     name: str = attrs.field(validator=_check_name)
     summary: str
-    platforms: tuple[str, ...] = attrs.field(converter=tuple)
-    features: frozenset[str] = attrs.field(converter=frozenset, factory=frozenset)
+    platforms: tuple[str, ...] = attrs.field(converter=_names)
+    features: frozenset[str] = attrs.field(converter=_feature_set, factory=frozenset)
     unavailable: str | None = None
 
     @platforms.validator
-    def _check_platforms(self, _attr: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]) -> None:
+    def _check_platforms(self, _attr: attrs.Attribute[tuple[str, ...]],
+                         value: tuple[str, ...]) -> None:
         unknown = set(value) - set(PLATFORMS)
         if unknown:
             raise ValueError(f"unknown platforms {sorted(unknown)}; known: {', '.join(PLATFORMS)}")

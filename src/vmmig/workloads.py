@@ -7,12 +7,10 @@ its memory obeys the a-b edge rule and keeps changing while it runs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from vmmig.errors import ConfigError, PlatformError
 from vmmig.guests.ab_check import ab_passes, ab_region, check_ab

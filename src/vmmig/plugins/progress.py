@@ -27,7 +27,7 @@ def _stream() -> TextIO | None:
 
 
 @hookimpl
-def vmmig_progress(migration: Migration, progress: Progress) -> None:  # noqa: ARG001
+def vmmig_progress(migration: Migration, progress: Progress) -> None:
     """Redraw the progress line."""
     if (stream := _stream()) is not None:
         stream.write("\r\x1b[K" + format_progress(progress))
@@ -35,7 +35,7 @@ def vmmig_progress(migration: Migration, progress: Progress) -> None:  # noqa: A
 
 
 @hookimpl
-def vmmig_phase_changed(migration: Migration, old: Phase, new: Phase) -> None:  # noqa: ARG001
+def vmmig_phase_changed(migration: Migration, old: Phase, new: Phase) -> None:
     """End the progress line when memory transfer ends."""
     if old is Phase.TRANSFERRING_MEMORY and (stream := _stream()) is not None:
         stream.write("\n")

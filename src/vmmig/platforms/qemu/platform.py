@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from vmmig.config import MigrationPlan
 from vmmig.errors import PlatformError
@@ -85,9 +86,8 @@ class QemuPlatform:
         return f"tcp:{self.plan.listen}:0"
 
 
-def _read(path: object) -> bytes:
+def _read(path: Path) -> bytes:
     try:
-        with open(path, "rb") as stream:  # type: ignore[call-overload]
-            return stream.read()
+        return path.read_bytes()
     except FileNotFoundError:
         return b""

@@ -14,6 +14,8 @@ import contextlib
 import time
 from typing import Any
 
+from qemu.qmp import EventListener
+
 from vmmig.errors import IntegrityError, MigrationFailed, PlatformError
 from vmmig.integrity import compare_memory
 from vmmig.migration import Migration
@@ -24,8 +26,8 @@ from vmmig.workloads import check_workload, wait_guest_progress
 
 __all__ = ["finalize", "prepare_target", "rollback", "transfer", "verify"]
 
-#: How often statistics are polled while QEMU migrates.
-POLL_INTERVAL = 0.1
+#: How often statistics are polled while QEMU migrates (progress a few times a second).
+STATS_INTERVAL = 0.25
 #: Bound on QEMU's own bookkeeping waits (status settling, cancel taking effect).
 SETTLE_TIMEOUT = 30.0
 #: ``max-bandwidth`` when the plan sets no cap (QEMU's default would be 128 MiB/s).
@@ -83,37 +85,50 @@ async def _listening_uri(target: QemuMachine, listen: str) -> str:
 
 
 async def transfer(migration: Migration) -> None:
-    """Run ``migrate`` and follow it to ``completed``, reporting progress and passes."""
-    source = _source(migration)
+    """Run ``migrate`` and follow it to ``completed``, reporting progress and passes.
+
+    Completion is taken from ``MIGRATION`` events on both sides, not from
+    polling, so that vmmig adds no latency to QEMU's own migration.
+    """
+    source, target = _source(migration), _target(migration)
     started = time.monotonic()
-    last_pass = 0
-    with source.listen("MIGRATION", "MIGRATION_PASS") as events:
+    with source.listen("MIGRATION", "MIGRATION_PASS") as events, \
+            target.listen("MIGRATION") as target_events:
         await source.execute("migrate", {"uri": migration.scratch["uri"]})
         migration.scratch["migrating"] = True
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(events.get(), POLL_INTERVAL)
-            info = await source.execute("query-migrate")
-            status = info.get("status", "none")
-            if "ram" in info:
-                ram = RamStats.from_qmp(info["ram"])
-                migration.ram = ram
-                for number in range(last_pass + 1, ram.dirty_sync_count + 1):
-                    migration.round_done(RoundReport(number, ram.transferred, ram.remaining,
-                                                     ram.dirty_pages_rate))
-                last_pass = max(last_pass, ram.dirty_sync_count)
-                if status == "active":
-                    migration.progress(Progress(ram.transferred, ram.remaining, ram.total,
-                                                ram.mbps, ram.dirty_sync_count))
-            if status == "completed":
-                break
-            if status in {"failed", "cancelled"}:
-                reason = info.get("error-desc", status)
-                raise MigrationFailed(f"QEMU migration {status}: {reason}")
-            if source.exited:
-                raise PlatformError("source: QEMU exited during migration")
+        await _follow_source(migration, events)
+        await target.wait_for_event(target_events, "MIGRATION", SETTLE_TIMEOUT,
+                                    match={"status": "completed"})
     await _settle_completed(migration, started)
-    await _wait_target_received(_target(migration))
+
+
+async def _follow_source(migration: Migration, events: EventListener) -> None:
+    """Report statistics a few times a second until the source says completed."""
+    source = _source(migration)
+    last_pass = 0
+    status = "setup"
+    while status != "completed":
+        with contextlib.suppress(TimeoutError):
+            event = await asyncio.wait_for(events.get(), STATS_INTERVAL)
+            data = event["data"]
+            if event["event"] == "MIGRATION" and isinstance(data, dict):
+                status = str(data["status"])
+        if status in {"failed", "cancelled"}:
+            info = await source.execute("query-migrate")
+            raise MigrationFailed(f"QEMU migration {status}: {info.get('error-desc', status)}")
+        if status == "completed":
+            break
+        info = await source.execute("query-migrate")
+        if "ram" not in info:
+            continue
+        ram = RamStats.from_qmp(info["ram"])
+        migration.ram = ram
+        for number in range(last_pass + 1, ram.dirty_sync_count + 1):
+            migration.round_done(RoundReport(number, ram.transferred, ram.remaining,
+                                             ram.dirty_pages_rate))
+        last_pass = max(last_pass, ram.dirty_sync_count)
+        migration.progress(Progress(ram.transferred, ram.remaining, ram.total, ram.mbps,
+                                    ram.dirty_sync_count))
 
 
 async def _settle_completed(migration: Migration, started: float) -> None:
@@ -121,9 +136,9 @@ async def _settle_completed(migration: Migration, started: float) -> None:
     deadline = time.monotonic() + SETTLE_TIMEOUT
     while True:
         info = await _source(migration).execute("query-migrate")
-        if info.get("total-time") and "downtime" in info or time.monotonic() > deadline:
+        if (info.get("total-time") and "downtime" in info) or time.monotonic() > deadline:
             break
-        await asyncio.sleep(POLL_INTERVAL)
+        await asyncio.sleep(STATS_INTERVAL)
     migration.ram = RamStats.from_qmp(info.get("ram", {}))
     migration.downtime_ms = int(info.get("downtime", 0))
     migration.setup_ms = int(info.get("setup-time", 0))
@@ -131,23 +146,11 @@ async def _settle_completed(migration: Migration, started: float) -> None:
                                                         (time.monotonic() - started) * 1000))
 
 
-async def _wait_target_received(target: QemuMachine) -> None:
-    """The target has loaded the whole stream (it is paused by ``-S`` then)."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT
-    while (status := await target.status()) == "inmigrate":
-        if time.monotonic() > deadline:
-            raise MigrationFailed("target: still loading the migration stream after "
-                                  f"{SETTLE_TIMEOUT:.0f} s")
-        await asyncio.sleep(POLL_INTERVAL)
-    if status not in {"paused", "prelaunch"}:
-        raise MigrationFailed(f"target: unexpected state {status!r} after incoming migration")
-
-
 async def verify(migration: Migration) -> None:
     """Compare both paused guests' RAM byte for byte, then the workload's own rule."""
     source, target = _source(migration), _target(migration)
     for machine in (source, target):
-        if (status := await machine.status()) == "running":
+        if await machine.status() == "running":
             raise IntegrityError(f"{machine.name}: guest is running during verification")
     with source.map_ram() as source_ram, target.map_ram() as target_ram:
         comparison = await asyncio.to_thread(compare_memory, source_ram, target_ram)
@@ -185,4 +188,4 @@ async def rollback(migration: Migration, reason: str) -> None:
             await source.cont()
         elif time.monotonic() > deadline:
             raise MigrationFailed(f"source: still {status!r} {SETTLE_TIMEOUT:.0f} s after cancel")
-        await asyncio.sleep(POLL_INTERVAL)
+        await asyncio.sleep(STATS_INTERVAL)
