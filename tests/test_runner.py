@@ -16,6 +16,7 @@ import pytest
 from vmmig import hookimpl
 from vmmig.config import MigrationPlan
 from vmmig.core.phases import Phase
+from vmmig.errors import MigrationCancelled
 from vmmig.plugin_host import PluginHost
 from vmmig.runner import run_migration
 from vmmig.technology import Technology
@@ -85,19 +86,34 @@ class Recorder:
 
 
 class FakePlatform:
+    def __init__(self, boot_hangs=False):
+        self.boot_hangs = boot_hangs
+        self.booting = asyncio.Event()
+        self.closed = False
+
     def describe(self):
         return "in-process"
 
     async def launch_source(self):
+        self.booting.set()
+        if self.boot_hangs:
+            await asyncio.Event().wait()
         return "source-vm"
 
 
-@contextlib.asynccontextmanager
-async def fake_platform(plan):
-    yield FakePlatform()
+def fake_platform(platform=None):
+    @contextlib.asynccontextmanager
+    async def opener(plan):
+        nonlocal platform
+        platform = platform or FakePlatform()
+        try:
+            yield platform
+        finally:
+            platform.closed = True
+    return opener
 
 
-def run(tech, *, timeout=30.0, during=None):
+def run(tech, *, timeout=30.0, during=None, platform=None):
     host = PluginHost(builtins=(), entry_points=False)
     host.pm.register(tech, name="scripted")
     recorder = Recorder()
@@ -105,7 +121,7 @@ def run(tech, *, timeout=30.0, during=None):
     plan = MigrationPlan(tech="scripted", platform="emu", timeout=timeout)
 
     async def main():
-        task = asyncio.create_task(run_migration(plan, host, opener=fake_platform))
+        task = asyncio.create_task(run_migration(plan, host, opener=fake_platform(platform)))
         if during is not None:
             await during(tech, task)
         return await task
@@ -188,3 +204,19 @@ class TestCancel:
         assert report.status == "cancelled"
         assert tech.calls[-1] == "rollback: cancelled"
         assert report.source == "running"
+        assert report.extra["cancelled-by"] == "SIGINT"
+
+    def test_sigterm_before_the_migration_unwinds_and_cleans_up(self):
+        """SIGTERM while the source boots: nothing to roll back; the platform is closed."""
+        platform = FakePlatform(boot_hangs=True)
+
+        async def terminate(tech, task):
+            await asyncio.wait_for(platform.booting.wait(), 10)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        tech = ScriptedTech()
+        with pytest.raises(MigrationCancelled, match="SIGTERM") as info:
+            run(tech, during=terminate, platform=platform)
+        assert info.value.signum == signal.SIGTERM
+        assert platform.closed
+        assert tech.calls == []

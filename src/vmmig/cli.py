@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 from vmmig import __version__
 from vmmig.config import MigrationPlan, load_plan, plan_fields
-from vmmig.errors import ConfigError, VmmigError
+from vmmig.errors import ConfigError, MigrationCancelled, VmmigError
 from vmmig.integrity import human_size
 from vmmig.plugin_host import PluginHost
 from vmmig.report import MigrationReport
@@ -62,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="vmmig: %(name)s: %(message)s")
+    if not args.verbose:
+        # qemu.qmp logs a killed QEMU's dropped connection as an error; vmmig
+        # reports that itself, in one line.
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     try:
         host = PluginHost(disabled=args.disable_plugin)
         if args.command == "plugins":
@@ -86,7 +91,11 @@ def _run(plan: MigrationPlan, host: PluginHost) -> int:
     def announce(line: str) -> None:
         print(f"vmmig: {line}", file=sys.stderr, flush=True)
 
-    report = asyncio.run(run_migration(plan, host, announce=announce))
+    try:
+        report = asyncio.run(run_migration(plan, host, announce=announce))
+    except MigrationCancelled as err:
+        print(f"vmmig: {err}", file=sys.stderr)
+        return 128 + err.signum
     print(summary(report))
     if plan.json is not None:
         try:
@@ -97,7 +106,10 @@ def _run(plan: MigrationPlan, host: PluginHost) -> int:
             return EXIT_FAILED
     if report.status == "completed":
         return EXIT_OK
-    return EXIT_CANCELLED if report.status == "cancelled" else EXIT_FAILED
+    if report.status == "cancelled":
+        by = report.extra.get("cancelled-by", "SIGINT")
+        return 128 + int(signal.Signals[by])
+    return EXIT_FAILED
 
 
 def summary(report: MigrationReport) -> str:

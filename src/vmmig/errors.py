@@ -88,7 +88,14 @@ class MigrationFailed(VmmigError):
 
 
 class MigrationCancelled(MigrationFailed):
-    """The user cancelled the migration (Ctrl-C); the source keeps running."""
+    """The user cancelled the migration (Ctrl-C, SIGTERM); the source keeps running.
+
+    :param signum: the signal that cancelled it.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 class IntegrityError(VmmigError):

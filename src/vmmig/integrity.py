@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import attrs
@@ -11,7 +12,7 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 
-__all__ = ["MemoryComparison", "compare_memory", "human_size"]
+__all__ = ["MemoryComparison", "RamScan", "compare_memory", "compare_ram_files", "human_size"]
 
 PAGE = 4096
 # Large enough that the comparison runs at memcmp speed, small enough to
@@ -60,6 +61,49 @@ def compare_memory(source: Buffer, target: Buffer) -> MemoryComparison:
                 differing += 1
                 first = page if first is None or page < first else first
     return MemoryComparison(max(len(a), len(b)), differing, first)
+
+
+@attrs.frozen
+class RamScan:
+    """Two RAM files compared, plus what workload checks need of the target's.
+
+    :ivar comparison: page-by-page comparison of source and target.
+    :ivar first_page: the target's page 0 (where test guests publish their state).
+    :ivar page_heads: byte 0 of every page of the target.
+    :ivar size: the target's RAM size.
+    """
+
+    comparison: MemoryComparison
+    first_page: bytes
+    page_heads: bytes
+    size: int
+
+
+def compare_ram_files(source: Path, target: Path) -> RamScan:
+    """Compare two guests' RAM files (QEMU's shared memory backends) in one pass.
+
+    Reading the files in large chunks is several times faster than mapping
+    them, where every 4 KiB page costs a fault.
+    """
+    a_chunk, b_chunk = bytearray(_CHUNK), bytearray(_CHUNK)
+    differing, first, offset = 0, None, 0
+    heads, first_page = [], b""
+    with source.open("rb", buffering=0) as a, target.open("rb", buffering=0) as b:
+        while True:
+            a_len, b_len = a.readinto(a_chunk), b.readinto(b_chunk)
+            if not a_len and not b_len:
+                break
+            a_view, b_view = memoryview(a_chunk)[:a_len], memoryview(b_chunk)[:b_len]
+            if not first_page:
+                first_page = bytes(b_view[:PAGE])
+            heads.append(bytes(b_view[::PAGE]))
+            if a_view != b_view:
+                part = compare_memory(a_view, b_view)
+                differing += part.differing_pages
+                if first is None and part.first_gpa is not None:
+                    first = offset + part.first_gpa
+            offset += max(a_len, b_len)
+    return RamScan(MemoryComparison(offset, differing, first), first_page, b"".join(heads), offset)
 
 
 def human_size(n: int) -> str:

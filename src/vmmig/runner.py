@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -20,7 +20,7 @@ from vmmig.core import events as ev
 from vmmig.core.actions import Action, Finish, RollBack, RunStep
 from vmmig.core.machine import MigrationMachine
 from vmmig.core.phases import Phase
-from vmmig.errors import VmmigError
+from vmmig.errors import MigrationCancelled, VmmigError
 from vmmig.migration import Migration
 from vmmig.plugin_host import PluginHost, TechnologyHooks
 from vmmig.report import MigrationReport, Status
@@ -129,18 +129,38 @@ class _Driver:
         return ev.RollbackDone()
 
 
-@contextlib.asynccontextmanager
-async def _sigint_cancels(driver: _Driver) -> AsyncIterator[None]:
-    loop = asyncio.get_running_loop()
-    try:
-        loop.add_signal_handler(signal.SIGINT, driver.cancel)
-    except (NotImplementedError, RuntimeError):  # not the main thread: no signal handling
-        yield
-        return
-    try:
-        yield
-    finally:
-        loop.remove_signal_handler(signal.SIGINT)
+class _Interrupts:
+    """Ctrl-C and SIGTERM: cancel the migration if one runs, else the whole run."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.driver: _Driver | None = None
+        self.received: signal.Signals | None = None
+        self._task = asyncio.current_task()
+
+    def __call__(self, signum: signal.Signals) -> None:
+        self.received = signum
+        if self.driver is not None:
+            self.driver.cancel()
+        elif self._task is not None:
+            # Nothing to roll back yet: unwind, which cleans up every process.
+            self._task.cancel()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        try:
+            for signum in self.SIGNALS:
+                loop.add_signal_handler(signum, self, signum)
+        except (NotImplementedError, RuntimeError):  # not the main thread: no signal handling
+            yield
+            return
+        try:
+            yield
+        finally:
+            for signum in self.SIGNALS:
+                loop.remove_signal_handler(signum)
 
 
 async def run_migration(plan: MigrationPlan, host: PluginHost, *,
@@ -156,6 +176,22 @@ async def run_migration(plan: MigrationPlan, host: PluginHost, *,
         was started then.
     """
     hooks = host.select(plan.tech, plan.platform)
+    interrupts = _Interrupts()
+    with interrupts.installed():
+        try:
+            return await _run(plan, host=host, hooks=hooks, opener=opener, announce=announce,
+                              interrupts=interrupts)
+        except asyncio.CancelledError:
+            if interrupts.received is None:
+                raise
+            raise MigrationCancelled(f"interrupted ({interrupts.received.name}) before the "
+                                     "migration started; nothing was migrated",
+                                     interrupts.received) from None
+
+
+async def _run(plan: MigrationPlan, *, host: PluginHost, hooks: TechnologyHooks,
+               opener: PlatformOpener, announce: Callable[[str], None],
+               interrupts: _Interrupts) -> MigrationReport:
     async with opener(plan) as platform:
         announce(f"platform {plan.platform}: {platform.describe()}")
         source = await platform.launch_source()
@@ -167,8 +203,8 @@ async def run_migration(plan: MigrationPlan, host: PluginHost, *,
         migration.on_commit = driver.commit
         started = time.monotonic()
         deadline = started + plan.timeout if plan.timeout else None
-        async with _sigint_cancels(driver):
-            finish = await driver.run(deadline)
+        interrupts.driver = driver
+        finish = await driver.run(deadline)
         total_ms = int((time.monotonic() - started) * 1000)
     status: Status = ("completed" if finish.phase is Phase.COMPLETED
                       else "cancelled" if driver.cancelled else "failed")
@@ -185,5 +221,6 @@ async def run_migration(plan: MigrationPlan, host: PluginHost, *,
         error=finish.reason,
         source="running" if finish.phase is Phase.ROLLED_BACK else
         ("retired" if status == "completed" else "unknown"),
-        extra={"phase-history": [p.value for p in driver.machine.history]},
+        extra={"phase-history": [p.value for p in driver.machine.history],
+               **({"cancelled-by": interrupts.received.name} if interrupts.received else {})},
     )

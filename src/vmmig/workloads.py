@@ -13,7 +13,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
 from vmmig.errors import ConfigError, PlatformError
-from vmmig.guests.ab_check import ab_passes, ab_region, check_ab
+from vmmig.guests.ab_check import ab_passes, ab_region, check_ab_heads
+from vmmig.integrity import RamScan
 
 
 if TYPE_CHECKING:
@@ -49,13 +50,14 @@ def guest_image_name(workload: str) -> str:
     return workload
 
 
-def check_workload(workload: str, memory: Buffer) -> tuple[str, str, bool]:
-    """Check the workload's own invariant on a stopped guest's memory.
+def check_workload(workload: str, scan: RamScan) -> tuple[str, str, bool]:
+    """Check the workload's own invariant on a stopped guest's scanned memory.
 
     :return: (check name, one-line detail, ok).
     """
     if workload == "ab":
-        result = check_ab(memory)
+        region = ab_region(scan.first_page, scan.size)
+        result = check_ab_heads(scan.page_heads, region)
         return "a-b", result.detail, result.ok
     return "workload", f"{workload}: no invariant to check", True
 

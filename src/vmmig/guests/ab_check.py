@@ -32,7 +32,16 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 
-__all__ = ["AB_START", "INFO_ADDR", "PAGE_SIZE", "AbCheck", "ab_passes", "ab_region", "check_ab"]
+__all__ = [
+    "AB_START",
+    "INFO_ADDR",
+    "PAGE_SIZE",
+    "AbCheck",
+    "ab_passes",
+    "ab_region",
+    "check_ab",
+    "check_ab_heads",
+]
 
 PAGE_SIZE = 4096
 #: Physical address of the block the guest publishes (see the module doc).
@@ -66,17 +75,18 @@ class AbCheck:
     detail: str
 
 
-def ab_region(memory: Buffer) -> tuple[int, int]:
+def ab_region(memory: Buffer, size: int | None = None) -> tuple[int, int]:
     """The region the a-b guest says it dirties.
 
-    :param memory: the whole guest RAM.
+    :param memory: the whole guest RAM, or at least its first page.
+    :param size: the guest RAM's size when ``memory`` is only its start.
     :returns: ``(start, end)`` GPAs, end exclusive.
     :raises IntegrityError: the bounds are missing or impossible (the guest has
         not booted yet, is not the a-b guest, or the memory is not all there).
     """
     with memoryview(memory) as mv:
-        size = mv.nbytes
-        if size < INFO_ADDR + _INFO.size:
+        size = mv.nbytes if size is None else size
+        if mv.nbytes < INFO_ADDR + _INFO.size:
             raise IntegrityError(f"guest memory of {size} bytes is too small for the a-b guest")
         start, end, _ = _INFO.unpack_from(mv, INFO_ADDR)
     if start != AB_START:
@@ -118,11 +128,22 @@ def check_ab(memory: Buffer, *, region: tuple[int, int] | None = None) -> AbChec
     else:
         start, end = region
     with memoryview(memory) as mv, mv.cast("B") as flat:
-        if start % PAGE_SIZE or end % PAGE_SIZE or not 0 <= start < end <= flat.nbytes:
-            raise ValueError(f"region [{start:#x}, {end:#x}) is not whole pages of the memory")
         # One strided copy picks byte 0 of every page, in C.
-        column = bytes(flat[start:end:PAGE_SIZE])
-    return _judge(column, start)
+        return check_ab_heads(bytes(flat[::PAGE_SIZE]), (start, end))
+
+
+def check_ab_heads(heads: bytes, region: tuple[int, int]) -> AbCheck:
+    """Check the a-b rule given byte 0 of every page of guest RAM.
+
+    :param heads: byte 0 of page 0, 1, 2, ... of the whole guest RAM.
+    :param region: ``(start, end)`` GPAs to check, page aligned, end exclusive.
+    :returns: the verdict; a broken rule is reported, not raised.
+    :raises ValueError: the region is not page aligned or not in memory.
+    """
+    start, end = region
+    if start % PAGE_SIZE or end % PAGE_SIZE or not 0 <= start < end <= len(heads) * PAGE_SIZE:
+        raise ValueError(f"region [{start:#x}, {end:#x}) is not whole pages of the memory")
+    return _judge(heads[start // PAGE_SIZE:end // PAGE_SIZE], start)
 
 
 def _judge(column: bytes, start: int) -> AbCheck:

@@ -17,7 +17,7 @@ from typing import Any
 from qemu.qmp import EventListener
 
 from vmmig.errors import IntegrityError, MigrationFailed, PlatformError
-from vmmig.integrity import compare_memory
+from vmmig.integrity import compare_ram_files
 from vmmig.migration import Migration
 from vmmig.platforms.qemu import QemuMachine
 from vmmig.report import Progress, RamStats, RoundReport
@@ -152,12 +152,10 @@ async def verify(migration: Migration) -> None:
     for machine in (source, target):
         if await machine.status() == "running":
             raise IntegrityError(f"{machine.name}: guest is running during verification")
-    with source.map_ram() as source_ram, target.map_ram() as target_ram:
-        comparison = await asyncio.to_thread(compare_memory, source_ram, target_ram)
-        migration.record_check("memory", comparison.describe(), ok=comparison.identical)
-        name, detail, ok = await asyncio.to_thread(check_workload, migration.plan.workload,
-                                                    target_ram)
-        migration.record_check(name, detail, ok=ok)
+    scan = await asyncio.to_thread(compare_ram_files, source.ram_path, target.ram_path)
+    migration.record_check("memory", scan.comparison.describe(), ok=scan.comparison.identical)
+    name, detail, ok = check_workload(migration.plan.workload, scan)
+    migration.record_check(name, detail, ok=ok)
 
 
 async def finalize(migration: Migration) -> None:
