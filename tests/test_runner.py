@@ -18,6 +18,7 @@ from vmmig.config import MigrationPlan
 from vmmig.core.phases import Phase
 from vmmig.errors import MigrationCancelled
 from vmmig.plugin_host import PluginHost
+from vmmig.report import RamStats
 from vmmig.runner import run_migration
 from vmmig.technology import Technology
 
@@ -190,6 +191,22 @@ class TestFailures:
         assert report.status == "failed"
         assert "timed out after 0.2 s in phase transferring-memory" in report.error
         assert tech.calls[-1].startswith("rollback: timed out")
+
+
+class TestConvergenceHint:
+    def test_timeout_while_not_converging_says_what_to_try(self):
+        """A timeout after several passes names the passes and the options that help."""
+
+        class NeverConverges(ScriptedTech):
+            @hookimpl
+            def vmmig_transfer_memory(self, migration):
+                migration.ram = RamStats(remaining=512 << 20, dirty_sync_count=40, mbps=9000.0)
+                return self._step("transfer_memory", migration)
+
+        report, _ = run(NeverConverges(hang_in="transfer_memory"), timeout=0.2)
+        assert ("without converging (40 passes, 512.0 MiB still dirty, 9000 Mbit/s)"
+                in report.error)
+        assert "--auto-converge" in report.error
 
 
 class TestCancel:

@@ -54,7 +54,8 @@ def compare_memory(source: Buffer, target: Buffer) -> MemoryComparison:
     first: int | None = size if differing else None
     for start in range(0, size, _CHUNK):
         end = min(size, start + _CHUNK)
-        if a[start:end] == b[start:end]:
+        # bytes compare with memcmp; memoryviews compare item by item, 16x slower.
+        if bytes(a[start:end]) == bytes(b[start:end]):
             continue
         for page in range(start, end, PAGE):
             if a[page:page + PAGE] != b[page:page + PAGE]:
@@ -97,7 +98,9 @@ def compare_ram_files(source: Path, target: Path) -> RamScan:
             if not first_page:
                 first_page = bytes(b_view[:PAGE])
             heads.append(bytes(b_view[::PAGE]))
-            if a_view != b_view:
+            same = (a_chunk == b_chunk if a_len == b_len == _CHUNK
+                    else bytes(a_view) == bytes(b_view))
+            if not same:
                 part = compare_memory(a_view, b_view)
                 differing += part.differing_pages
                 if first is None and part.first_gpa is not None:

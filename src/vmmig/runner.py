@@ -21,6 +21,7 @@ from vmmig.core.actions import Action, Finish, RollBack, RunStep
 from vmmig.core.machine import MigrationMachine
 from vmmig.core.phases import Phase
 from vmmig.errors import MigrationCancelled, VmmigError
+from vmmig.integrity import human_size
 from vmmig.migration import Migration
 from vmmig.plugin_host import PluginHost, TechnologyHooks
 from vmmig.report import MigrationReport, Status
@@ -104,8 +105,7 @@ class _Driver:
             self.step.cancel()
             with contextlib.suppress(BaseException):
                 await self.step
-            limit = self.migration.plan.timeout
-            return ev.StepFailed(f"timed out after {limit:g} s in phase {phase.value}")
+            return ev.StepFailed(self._timeout_reason(phase))
         except asyncio.CancelledError:
             if not self.cancelled:
                 raise
@@ -120,6 +120,16 @@ class _Driver:
         if new_failures:
             return ev.StepFailed("integrity check failed: " + "; ".join(new_failures))
         return ev.StepDone()
+
+    def _timeout_reason(self, phase: Phase) -> str:
+        reason = f"timed out after {self.migration.plan.timeout:g} s in phase {phase.value}"
+        ram = self.migration.ram
+        if phase is Phase.TRANSFERRING_MEMORY and ram.dirty_sync_count > 1:
+            reason += (f" without converging ({ram.dirty_sync_count} passes, "
+                       f"{human_size(ram.remaining)} still dirty, {ram.mbps:.0f} Mbit/s): "
+                       "the guest dirties memory faster than it can be sent; try "
+                       "--auto-converge, a larger --downtime-limit or more --bandwidth")
+        return reason
 
     async def _roll_back(self, reason: str) -> ev.Event:
         try:
