@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import mmap
-import os
 import shutil
 import socket
 import struct
@@ -30,6 +29,7 @@ from vmmig.guests import (
     default_cache_dir,
 )
 from vmmig.guests.build import guest_source
+from vmmig.platforms.qemu.host import kvm_status
 
 
 GUESTS = ["ab", "idle"]
@@ -214,18 +214,8 @@ RAM_SIZE = 64 << 20
 DEADLINE = 60.0
 
 
-def kvm_usable() -> bool:
-    """Whether /dev/kvm exists and can be opened for use."""
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
-
-
 ACCELS = [
-    pytest.param("kvm", marks=pytest.mark.skipif(not kvm_usable(), reason="/dev/kvm not usable")),
+    pytest.param("kvm", marks=pytest.mark.skipif(not kvm_status()[0], reason=kvm_status()[1])),
     "tcg",
 ]
 
