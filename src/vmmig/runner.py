@@ -62,7 +62,8 @@ class _Driver:
         action = self.machine.receive(event)
         if self.machine.phase is not old:
             now = time.monotonic()
-            self.phase_ms[old.value] = int((now - self.phase_started) * 1000)
+            if old is not Phase.IDLE:
+                self.phase_ms[old.value] = int((now - self.phase_started) * 1000)
             self.phase_started = now
             self.announce(f"phase {self.machine.phase.value}")
             self.host.phase_changed(self.migration, old, self.machine.phase)

@@ -14,6 +14,7 @@ import contextlib
 import time
 from typing import Any
 
+import attrs
 from qemu.qmp import EventListener
 
 from vmmig.errors import IntegrityError, MigrationFailed, PlatformError
@@ -139,7 +140,10 @@ async def _settle_completed(migration: Migration, started: float) -> None:
         if (info.get("total-time") and "downtime" in info) or time.monotonic() > deadline:
             break
         await asyncio.sleep(STATS_INTERVAL)
-    migration.ram = RamStats.from_qmp(info.get("ram", {}))
+    final = RamStats.from_qmp(info.get("ram", {}))
+    # QEMU zeroes the dirty rate once the job ends; keep the last one measured.
+    migration.ram = attrs.evolve(final, dirty_pages_rate=final.dirty_pages_rate
+                                 or migration.ram.dirty_pages_rate)
     migration.downtime_ms = int(info.get("downtime", 0))
     migration.setup_ms = int(info.get("setup-time", 0))
     migration.scratch["qemu-total-time"] = int(info.get("total-time",
