@@ -61,7 +61,8 @@ class Xex:
         whitened = np.frombuffer(data, dtype=np.uint64) ^ tweaks
         context = self._data_key.encryptor() if encrypt else self._data_key.decryptor()
         core = np.frombuffer(context.update(whitened.tobytes()), dtype=np.uint64)
-        return (core ^ tweaks).tobytes()
+        result: bytes = (core ^ tweaks).tobytes()
+        return result
 
     def encrypt_pages(self, plaintext: bytes, gpas: Sequence[int] | np.ndarray) -> bytes:
         """Ciphertext of consecutive pages, page ``i`` at guest address ``gpas[i]``."""
