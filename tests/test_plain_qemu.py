@@ -210,6 +210,24 @@ class TestFaults:
         assert "qemu-system-x86_64 not found" in result.stderr
         assert "Traceback" not in result.stderr
 
+    @pytest.mark.skipif(os.geteuid() != 0, reason="hiding /dev/kvm needs a private mount (root)")
+    @pytest.mark.parametrize("accel", ["auto", "kvm"])
+    def test_unusable_kvm_falls_back_to_tcg_or_stops(self, accel, tmp_path, no_leftover_qemu):
+        """With /dev/kvm unusable, auto says so and uses TCG; an explicit kvm stops, naming why."""
+        hide_kvm = ("if [ -e /dev/kvm ]; then mount --bind /dev/null /dev/kvm || exit 99; fi; "
+                    "exec \"$@\"")
+        result = subprocess.run(
+            ["unshare", "--mount", "sh", "-c", hide_kvm, "sh", *VMMIG, "run", "--memory", "64M",
+             "--workload", "idle", "--accel", accel],
+            capture_output=True, text=True, timeout=300, check=False)
+        if accel == "auto":
+            assert result.returncode == 0, result.stderr
+            assert "TCG (/dev/kvm: " in result.stderr
+        else:
+            assert result.returncode == 1, result.stderr
+            assert "/dev/kvm: " in result.stderr
+            assert "Traceback" not in result.stderr
+
     def test_bad_plan_exits_2_with_one_line(self, tmp_path):
         """A bad plan field: one line naming it, exit status 2."""
         plan = tmp_path / "plan.toml"
