@@ -3,6 +3,9 @@
 Each guest is one boot sector: GNU ``as`` assembles it and ``ld`` links it
 at 0x7c00, where the BIOS loads it, straight to a flat binary.  The image
 is that one 512-byte sector, which SeaBIOS boots from an IDE disk.
+
+The emulated platform's programs (:mod:`vmmig.guests.emu`) use the same
+cache to build flat 64-bit binaries instead (``flat64_base``).
 """
 
 from __future__ import annotations
@@ -60,27 +63,34 @@ def build_image(name: GuestName, cache_dir: Path | None = None) -> Path:
     return build_from_source(guest_source(name), stem=name, cache_dir=cache_dir)
 
 
-def build_from_source(source: bytes, *, stem: str, cache_dir: Path | None = None) -> Path:
+def build_from_source(
+    source: bytes, *, stem: str, cache_dir: Path | None = None, flat64_base: int | None = None
+) -> Path:
     """Build a boot disk from assembly source, or find it already built.
 
     The image is named after ``stem`` and the SHA-256 of ``source``, so a
     changed source gets a new image and never a stale one.
 
-    :param source: GNU as source of a 512-byte boot sector.
+    :param source: GNU as source of a 512-byte boot sector (or of a flat 64-bit program).
     :param stem: the first part of the image's file name.
     :param cache_dir: where images are kept; :func:`default_cache_dir` if None.
+    :param flat64_base: None for a boot sector; otherwise build a flat 64-bit
+        binary linked at this address (any size), named ``.bin`` in the cache.
     :returns: the path of the raw disk image.
     :raises HostRequirementError: GNU as or ld is not installed.
     :raises PlatformError: the source does not assemble into a boot sector.
     """
     cache = default_cache_dir() if cache_dir is None else cache_dir
-    image = cache / f"{stem}-{hashlib.sha256(source).hexdigest()[:16]}.img"
+    digest = hashlib.sha256(source).hexdigest()[:16]
+    # A flat binary's name carries its link address: linked elsewhere, it differs.
+    flat = f"{stem}-{flat64_base:x}-{digest}.bin" if flat64_base is not None else ""
+    image = cache / (flat or f"{stem}-{digest}.img")
     if image.is_file():
         return image
-    sector = _assemble(source, stem)
+    sector = _assemble(source, stem, flat64_base)
     cache.mkdir(parents=True, exist_ok=True)
     # Write then rename, so a concurrent build or reader never sees half an image.
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{stem}-", suffix=".img")
+    fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{stem}-", suffix=image.suffix)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(sector)
@@ -91,22 +101,28 @@ def build_from_source(source: bytes, *, stem: str, cache_dir: Path | None = None
     return image
 
 
-def _assemble(source: bytes, stem: str) -> bytes:
-    """Assemble and link one boot sector and check its shape."""
+def _assemble(source: bytes, stem: str, flat64_base: int | None) -> bytes:
+    """Assemble and link one boot sector (or flat 64-bit binary) and check its shape."""
     assembler = shutil.which("as")
     if assembler is None:
         raise HostRequirementError("GNU as (package binutils) is needed to build the test guest")
     linker = shutil.which("ld")
     if linker is None:
         raise HostRequirementError("GNU ld (package binutils) is needed to build the test guest")
+    if flat64_base is None:
+        bits, emulation, base = "--32", "elf_i386", 0x7C00
+    else:
+        bits, emulation, base = "--64", "elf_x86_64", flat64_base
     with tempfile.TemporaryDirectory(prefix="vmmig-guest-") as work:
         src, obj, out = (Path(work) / f"{stem}{ext}" for ext in (".S", ".o", ".bin"))
         src.write_bytes(source)
-        _run([assembler, "--32", "-o", str(obj), str(src)], stem)
+        _run([assembler, bits, "-o", str(obj), str(src)], stem)
         # -z noexecstack: the object has no .note.GNU-stack and ld would warn.
-        link = ["-m", "elf_i386", "-z", "noexecstack", "-Ttext", "0x7c00", "--oformat", "binary"]
+        link = ["-m", emulation, "-z", "noexecstack", "-Ttext", hex(base), "--oformat", "binary"]
         _run([linker, *link, "-o", str(out), str(obj)], stem)
         sector = out.read_bytes()
+    if flat64_base is not None:
+        return sector
     if len(sector) != SECTOR_SIZE or not sector.endswith(BOOT_SIGNATURE):
         raise PlatformError(
             f"guest {stem}: expected a {SECTOR_SIZE}-byte boot sector ending 55 aa, "
