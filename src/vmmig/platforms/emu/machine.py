@@ -1,0 +1,244 @@
+"""One emulated VM (the *machine*): guest RAM, vCPUs and dirty log, served over QMP.
+
+A machine runs in its own process (``vmmig emu start``) and is driven, like
+QEMU, only through its QMP socket.  QEMU's command names where QEMU has one
+(``query-status``, ``stop``, ``cont``, ``query-cpus-fast``, ``quit``), an
+``x-`` prefix for what QEMU has no command for:
+
+``x-query-memory``
+    RAM size, and the path of a plain VM's RAM file, which the host may map.
+``x-dirty-log-start`` / ``x-dirty-log-sync`` / ``x-dirty-log-stop``
+    The kernel's dirty log over guest RAM.  A sync collects and re-arms it
+    atomically and writes the dirty pages as a bitmap (one bit per page,
+    little-endian bit order) into ``<run-dir>/<name>.dirty``, which the host
+    maps; it returns how many pages are dirty.  The bitmap keeps the reply
+    small whatever the dirty count.
+``x-vcpu-state-export`` / ``x-vcpu-state-import``
+    Every vCPU's VMSA page (base64), for technologies whose registers the
+    hypervisor may read and set (plain, SEV).  Refused for SEV-ES.
+
+Status follows QEMU's run states: ``running``, ``paused``, ``inmigrate``
+(started with ``--incoming``: vCPUs wait for their state), ``postmigrate``.
+"""
+
+from __future__ import annotations
+
+import base64
+import mmap
+import re
+from pathlib import Path
+from typing import Final
+
+import attrs
+import numpy as np
+
+from vmmig.errors import ConfigError
+from vmmig.guests.emu import AbParams, DirtyParams, EntryState, RegsParams, load_image, load_program
+from vmmig.platforms.emu.dirtylog import DirtyLog, open_dirty_log
+from vmmig.platforms.emu.memory import GuestMemory
+from vmmig.platforms.emu.qmp_schema import CommandTable, QmpCommandError
+from vmmig.platforms.emu.vcpu import Vcpu, VcpuState
+from vmmig.platforms.emu.vmsa import Vmsa
+
+
+__all__ = ["EMU_WORKLOADS", "Machine", "MachineConfig"]
+
+PAGE: Final = 4096
+#: Workloads an emulated guest runs: ``dirty:RATE`` dirties RATE bytes per second.
+EMU_WORKLOADS: Final = ("ab", "idle", "regs", "dirty:RATE")
+_HLT: Final = b"\xf4"
+#: How long a pause may take: a vCPU stops at the next instruction boundary.
+PAUSE_TIMEOUT: Final = 5.0
+
+
+@attrs.frozen
+class MachineConfig:
+    """What ``vmmig emu start`` starts.
+
+    :ivar name: names the machine's files in ``run_dir``.
+    :ivar memory: guest RAM in bytes.
+    :ivar vcpus: vCPUs; vCPU 0 runs the workload, the others are parked.
+    :ivar tech: the technology protecting the guest.
+    :ivar workload: ``ab``, ``idle``, ``regs`` or ``dirty:RATE``.
+    :ivar incoming: start as a migration target: no program, vCPUs wait for their state.
+    :ivar run_dir: where the RAM file, dirty bitmap and QMP socket live.
+    """
+
+    name: str = attrs.field(validator=attrs.validators.matches_re(r"[A-Za-z0-9][A-Za-z0-9_.-]*"))
+    memory: int
+    vcpus: int = 1
+    tech: str = "plain"
+    workload: str = "ab"
+    incoming: bool = False
+    run_dir: Path = Path()
+
+    @property
+    def qmp_path(self) -> Path:
+        """The QMP socket."""
+        return self.run_dir / f"{self.name}.qmp"
+
+
+def program_for(workload: str) -> tuple[str, AbParams | DirtyParams | RegsParams | None]:
+    """The guest program and parameters that run ``workload``.
+
+    :raises ConfigError: for an unknown workload or a bad dirty rate.
+    """
+    from vmmig.config import parse_size  # noqa: PLC0415 (config imports the CLI's world)
+
+    if workload == "ab":
+        return "ab64", AbParams()
+    if workload == "regs":
+        return "regs", RegsParams()
+    if workload == "idle":
+        return "idle", None
+    if match := re.fullmatch(r"dirty:(.+)", workload):
+        try:
+            rate = parse_size(match[1])
+        except ValueError as err:
+            raise ConfigError("workload", f"dirty rate: {err}") from None
+        return "dirty", DirtyParams(bytes_per_second=rate)
+    raise ConfigError("workload", f"{workload!r} is not an emulated workload; choose one of "
+                      f"{', '.join(EMU_WORKLOADS)}")
+
+
+class Machine:
+    """One emulated VM; its QMP commands are in :attr:`commands`."""
+
+    def __init__(self, config: MachineConfig) -> None:
+        if config.tech != "plain":
+            raise ConfigError("tech", f"{config.tech!r} machines are not implemented yet")
+        self.config = config
+        self.memory = GuestMemory(config.memory, path=config.run_dir / f"{config.name}.ram")
+        self.vcpus = [Vcpu(i, self.memory.ram) for i in range(config.vcpus)]
+        self.status = "inmigrate" if config.incoming else "paused"
+        self._dirty_log: DirtyLog | None = None
+        self._bitmap_path = config.run_dir / f"{config.name}.dirty"
+        self._bitmap: mmap.mmap | None = None
+        if not config.incoming:
+            entry = self._load_workload()
+            self.vcpus[0].load_vmsa(entry.vmsa)
+        self.commands = CommandTable()
+        for name, handler in (
+            ("query-status", self.query_status), ("stop", self.stop), ("cont", self.cont),
+            ("query-cpus-fast", self.query_cpus_fast), ("x-query-memory", self.query_memory),
+            ("x-dirty-log-start", self.dirty_log_start), ("x-dirty-log-sync", self.dirty_log_sync),
+            ("x-dirty-log-stop", self.dirty_log_stop),
+            ("x-vcpu-state-export", self.vcpu_state_export),
+            ("x-vcpu-state-import", self.vcpu_state_import),
+        ):
+            self.commands.add(name, handler)
+
+    def _load_workload(self) -> EntryState:
+        program, params = program_for(self.config.workload)
+        if program == "idle":
+            return load_image(self.memory.ram, _HLT)
+        return load_program(self.memory.ram, program, params=params)  # type: ignore[arg-type]
+
+    # -- run state ---------------------------------------------------------------
+
+    def query_status(self) -> dict[str, object]:
+        """QEMU's ``query-status``."""
+        return {"status": self.status, "running": self.status == "running",
+                "singlestep": False}
+
+    def start(self) -> None:
+        """Run the workload's vCPU (the others stay parked)."""
+        self._resume_vcpus()
+        self.status = "running"
+
+    def stop(self) -> None:
+        """Pause every vCPU at an instruction boundary (QEMU's ``stop``)."""
+        for vcpu in self.vcpus:
+            if vcpu.state is VcpuState.RUNNING:
+                vcpu.pause(PAUSE_TIMEOUT)
+        if self.status in {"running", "inmigrate"}:
+            self.status = "paused"
+
+    def cont(self) -> None:
+        """Resume the guest (QEMU's ``cont``); a target resumes after its state arrived."""
+        if self.status == "running":
+            return
+        self._resume_vcpus()
+        self.status = "running"
+
+    def _resume_vcpus(self) -> None:
+        vcpu = self.vcpus[0]
+        if vcpu.state is VcpuState.PAUSED:
+            if vcpu.vmsa.rip == 0:
+                raise QmpCommandError("GenericError", "vCPU 0 has no state to run")
+            if vcpu.thread_started:
+                vcpu.resume()
+            else:
+                vcpu.run_thread()
+
+    def query_cpus_fast(self) -> list[dict[str, object]]:
+        """QEMU's ``query-cpus-fast``, plus each vCPU's own state."""
+        return [{"cpu-index": vcpu.index, "target": "x86_64",
+                 "qom-path": f"/machine/cpu{vcpu.index}", "props": {"core-id": vcpu.index},
+                 "x-state": vcpu.state.value, "x-detail": vcpu.detail} for vcpu in self.vcpus]
+
+    # -- memory ----------------------------------------------------------------------
+
+    def query_memory(self) -> dict[str, object]:
+        """RAM size and, for a plain VM, the file the host may map."""
+        path = self.memory.path
+        return {"size": self.memory.size, "ram-path": None if path is None else str(path),
+                "encrypted": self.memory.encrypted, "dirty-bitmap-path": str(self._bitmap_path)}
+
+    def dirty_log_start(self) -> dict[str, object]:
+        """Start dirty logging; the first sync reports what was written since."""
+        if self._dirty_log is None:
+            self._dirty_log = open_dirty_log(self.memory.ram)
+            size = (self.memory.size // PAGE + 7) // 8
+            with self._bitmap_path.open("w+b") as stream:
+                stream.truncate(size)
+                self._bitmap = mmap.mmap(stream.fileno(), size)
+        return {"method": self._dirty_log.method}
+
+    def dirty_log_sync(self) -> dict[str, object]:
+        """Collect and re-arm the dirty log; the pages go to the bitmap file."""
+        if self._dirty_log is None or self._bitmap is None:
+            raise QmpCommandError("GenericError", "dirty logging is not started")
+        pages = self._dirty_log.collect()
+        bits = np.zeros(self.memory.size // PAGE, dtype=bool)
+        bits[pages] = True
+        packed = np.packbits(bits, bitorder="little")
+        self._bitmap[:len(packed)] = packed.tobytes()
+        return {"dirty": len(pages)}
+
+    def dirty_log_stop(self) -> None:
+        """Stop dirty logging."""
+        if self._dirty_log is not None:
+            self._dirty_log.close()
+            self._dirty_log = None
+        if self._bitmap is not None:
+            self._bitmap.close()
+            self._bitmap = None
+
+    # -- CPU state -------------------------------------------------------------------
+
+    def vcpu_state_export(self) -> list[str]:
+        """Every vCPU's VMSA page, base64; the guest must be stopped."""
+        self._require_stopped("export vCPU state")
+        return [base64.b64encode(vcpu.save_vmsa().pack()).decode() for vcpu in self.vcpus]
+
+    def vcpu_state_import(self, vmsas: list[str]) -> None:
+        """Load every vCPU's VMSA page (base64) into a stopped target."""
+        self._require_stopped("import vCPU state")
+        if len(vmsas) != len(self.vcpus):
+            raise QmpCommandError("GenericError", f"{len(vmsas)} vCPU states for "
+                                  f"{len(self.vcpus)} vCPUs")
+        for vcpu, encoded in zip(self.vcpus, vmsas, strict=True):
+            vcpu.load_vmsa(Vmsa.unpack(base64.b64decode(encoded)))
+
+    def _require_stopped(self, action: str) -> None:
+        if self.status == "running":
+            raise QmpCommandError("GenericError", f"cannot {action} of a running guest")
+
+    def close(self) -> None:
+        """Stop every vCPU and release the RAM."""
+        for vcpu in self.vcpus:
+            vcpu.stop(PAUSE_TIMEOUT)
+        self.dirty_log_stop()
+        self._bitmap_path.unlink(missing_ok=True)
+        self.memory.close()
