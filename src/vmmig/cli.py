@@ -55,6 +55,20 @@ def _parser() -> argparse.ArgumentParser:
                              help=field.help)
 
     sub.add_parser("plugins", help="list plugins, their technologies and hooks")
+
+    emu = sub.add_parser("emu", help="the emulated confidential platform")
+    emu_sub = emu.add_subparsers(dest="emu_command", required=True, parser_class=_Parser)
+    start = emu_sub.add_parser("start", help="start one emulated machine and serve QMP")
+    start.add_argument("--name", default="vm", help="names the machine's files")
+    start.add_argument("-m", "--memory", default="1G", metavar="SIZE", help="guest RAM")
+    start.add_argument("--smp", "--vcpus", dest="vcpus", default="1", metavar="N")
+    start.add_argument("--tech", default="plain", help="plain, sev or sev-es")
+    start.add_argument("--workload", default="ab", help="ab, idle, regs or dirty:RATE")
+    start.add_argument("--qmp", required=True, metavar="PATH", help="QMP socket to create")
+    start.add_argument("--run-dir", metavar="DIR", help="where RAM and bitmap files go "
+                       "(default: the QMP socket's directory)")
+    start.add_argument("--incoming", action="store_true", help="start as a migration target")
+    start.add_argument("-S", dest="paused", action="store_true", help="do not start the vCPUs")
     return parser
 
 
@@ -72,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "plugins":
             _print_plugins(host)
             return EXIT_OK
+        if args.command == "emu":
+            return _emu_start(args)
         overrides = {field.name: getattr(args, field.name) for field in plan_fields()
                      if getattr(args, field.name) is not None}
         plan = load_plan(args.config, overrides)
@@ -110,6 +126,25 @@ def _run(plan: MigrationPlan, host: PluginHost) -> int:
         by = report.extra.get("cancelled-by", "SIGINT")
         return 128 + int(signal.Signals[by])
     return EXIT_FAILED
+
+
+def _emu_start(args: argparse.Namespace) -> int:
+    from vmmig.platforms.emu.machine import MachineConfig  # noqa: PLC0415 (Unicorn is heavy)
+    from vmmig.platforms.emu.process import serve  # noqa: PLC0415
+
+    qmp = Path(args.qmp)
+    config = MachineConfig(
+        name=args.name,
+        memory=load_plan(None, {"memory": args.memory}).memory,
+        vcpus=load_plan(None, {"vcpus": args.vcpus}).vcpus,
+        tech=args.tech,
+        workload=args.workload,
+        incoming=args.incoming,
+        run_dir=Path(args.run_dir) if args.run_dir else qmp.parent,
+        qmp=qmp,
+    )
+    asyncio.run(serve(config, paused=args.paused))
+    return EXIT_OK
 
 
 def summary(report: MigrationReport) -> str:

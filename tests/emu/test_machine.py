@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from qemu.qmp import QMPClient
 
 from vmmig.errors import ConfigError
 from vmmig.guests.ab_check import ab_passes, check_ab
@@ -113,3 +119,38 @@ class TestWorkloads:
         """Bad workloads name the field and the choices."""
         with pytest.raises(ConfigError, match="workload"):
             program_for(workload)
+
+
+class TestProcess:
+    def test_vmmig_emu_start_serves_qmp_to_qemu_qmp(self, tmp_path):
+        """`vmmig emu start` is a process that qemu.qmp drives like QEMU: status, stop, quit."""
+        qmp_path = tmp_path / "vm.qmp"
+        process = subprocess.Popen([sys.executable, "-m", "vmmig", "emu", "start", "--memory",
+                                    "32M", "--qmp", str(qmp_path)], stderr=subprocess.PIPE)
+
+        async def drive():
+            client = QMPClient("test")
+            deadline = time.monotonic() + 30
+            while not qmp_path.exists():
+                assert process.poll() is None, process.stderr.read().decode()
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            await client.connect(str(qmp_path))
+            assert (await client.execute("query-status"))["status"] == "running"
+            with client.listener("STOP") as events:
+                await client.execute("stop")
+                assert (await asyncio.wait_for(events.get(), 10))["event"] == "STOP"
+            memory = await client.execute("x-query-memory")
+            assert memory["size"] == 32 * MIB
+            assert check_ab(Path(memory["ram-path"]).read_bytes()).ok
+            await client.execute("quit")
+            with contextlib.suppress(EOFError):  # qemu.qmp sees the hang-up, as after QEMU's quit
+                await client.disconnect()
+
+        with process:  # closes the stderr pipe on the way out
+            try:
+                asyncio.run(drive())
+                assert process.wait(30) == 0
+            finally:
+                process.kill()
+        assert not list(tmp_path.iterdir()), "the machine left files behind"

@@ -14,5 +14,8 @@ Modules (each one job):
 - ``psp``        the emulated AMD Secure Processor (SEV API 55766 subset)
 - ``vmsa``       the VMSA save-area layout
 - ``vcpu``       Unicorn vCPU threads
+- ``qmp_schema`` the QMP command table and argument checking
 - ``qmp_server`` the machine's QMP endpoint
+- ``machine``    one VM: RAM, vCPUs, dirty log, behind QMP commands
+- ``process``    ``vmmig emu start``: a machine process serving QMP
 """

@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import mmap
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final
 
@@ -61,7 +62,8 @@ class MachineConfig:
     :ivar tech: the technology protecting the guest.
     :ivar workload: ``ab``, ``idle``, ``regs`` or ``dirty:RATE``.
     :ivar incoming: start as a migration target: no program, vCPUs wait for their state.
-    :ivar run_dir: where the RAM file, dirty bitmap and QMP socket live.
+    :ivar run_dir: where the RAM file and dirty bitmap live.
+    :ivar qmp: the QMP socket to create; ``<run_dir>/<name>.qmp`` by default.
     """
 
     name: str = attrs.field(validator=attrs.validators.matches_re(r"[A-Za-z0-9][A-Za-z0-9_.-]*"))
@@ -71,11 +73,12 @@ class MachineConfig:
     workload: str = "ab"
     incoming: bool = False
     run_dir: Path = Path()
+    qmp: Path | None = None
 
     @property
     def qmp_path(self) -> Path:
-        """The QMP socket."""
-        return self.run_dir / f"{self.name}.qmp"
+        """The QMP socket: ``qmp``, or ``<run_dir>/<name>.qmp`` by default."""
+        return self.qmp if self.qmp is not None else self.run_dir / f"{self.name}.qmp"
 
 
 def program_for(workload: str) -> tuple[str, AbParams | DirtyParams | RegsParams | None]:
@@ -111,6 +114,8 @@ class Machine:
         self.memory = GuestMemory(config.memory, path=config.run_dir / f"{config.name}.ram")
         self.vcpus = [Vcpu(i, self.memory.ram) for i in range(config.vcpus)]
         self.status = "inmigrate" if config.incoming else "paused"
+        #: Receives QMP events (name, data); the process wires it to its QMP server.
+        self.on_event: Callable[[str, Mapping[str, object] | None], None] = lambda _e, _d: None
         self._dirty_log: DirtyLog | None = None
         self._bitmap_path = config.run_dir / f"{config.name}.dirty"
         self._bitmap: mmap.mmap | None = None
@@ -153,6 +158,7 @@ class Machine:
                 vcpu.pause(PAUSE_TIMEOUT)
         if self.status in {"running", "inmigrate"}:
             self.status = "paused"
+            self.on_event("STOP", None)
 
     def cont(self) -> None:
         """Resume the guest (QEMU's ``cont``); a target resumes after its state arrived."""
@@ -160,6 +166,7 @@ class Machine:
             return
         self._resume_vcpus()
         self.status = "running"
+        self.on_event("RESUME", None)
 
     def _resume_vcpus(self) -> None:
         vcpu = self.vcpus[0]
