@@ -1,0 +1,186 @@
+"""The generic precopy engine on the emulated platform: one loop per agent.
+
+The source loop sends every page, then the pages the kernel's dirty log
+reports, round after round, until :class:`~vmmig.core.precopy.PrecopyPolicy`
+says stop; then it stops the guest, sends what is left and the vCPU state,
+and waits for the target to acknowledge.  The target loop writes what
+arrives into its machine's RAM and loads the vCPU state.  Both talk to their
+machine over QMP (synchronously: an agent's data path is one thread) and to
+each other over a :class:`~vmmig.channel.Channel`.
+
+This module is the ``plain`` page path (the agents map guest RAM, as a
+hypervisor may); confidential technologies replace the page path.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import attrs
+import numpy as np
+
+from vmmig.agents.pages import BATCH_PAGES, PageBatcher, apply_batch, ram_pages
+from vmmig.channel import Channel, FrameKind
+from vmmig.channel.frames import ProtocolError
+from vmmig.core.precopy import PrecopyLimits, PrecopyPolicy, Reason, RoundResult, pacing_delay
+from vmmig.errors import MigrationFailed
+
+
+__all__ = ["MachineMonitor", "RoundStats", "SourceResult", "run_source", "run_target"]
+
+PAGE = 4096
+
+
+class MachineMonitor(Protocol):
+    """The QMP client an agent drives its machine with (qemu.qmp's legacy client fits)."""
+
+    def cmd(self, cmd: str, **kwds: object) -> Any:  # noqa: ANN401 - QMP returns JSON
+        """Execute a command and return its ``return`` value; raise on error."""
+
+
+@attrs.frozen
+class RoundStats:
+    """One finished round, for progress and the report."""
+
+    number: int
+    pages: int
+    sent_bytes: int
+    seconds: float
+    dirty_pages: int
+    reason: Reason
+
+
+@attrs.frozen
+class SourceResult:
+    """What the source loop did."""
+
+    rounds: tuple[RoundStats, ...]
+    normal: int
+    zero: int
+    sent_bytes: int
+    downtime: float
+    total_pages: int
+
+
+def _map(path: str, size: int, *, writable: bool) -> mmap.mmap:
+    with open(path, "r+b" if writable else "rb") as stream:
+        access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+        return mmap.mmap(stream.fileno(), size, access=access)
+
+
+def _dirty_pages(bitmap: mmap.mmap, pages: int) -> np.ndarray:
+    bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")[:pages]
+    return np.flatnonzero(bits).astype(np.uint64)
+
+
+def _send_pages(channel: Channel, batcher: PageBatcher, pages: np.ndarray, *,
+                bandwidth_cap: float = 0.0, started: float = 0.0) -> int:
+    """Send ``pages`` in batches, keeping the channel within the cap since ``started``.
+
+    :return: the bytes sent.
+    """
+    before = channel.bytes_sent
+    for start in range(0, len(pages), BATCH_PAGES):
+        channel.send(FrameKind.PAGES, *batcher.batch(pages[start:start + BATCH_PAGES]))
+        delay = pacing_delay(channel.bytes_sent, time.monotonic() - started, bandwidth_cap)
+        if delay:
+            time.sleep(delay)  # the bandwidth cap: sending now would exceed it
+    return channel.bytes_sent - before
+
+
+def run_source(monitor: MachineMonitor, channel: Channel, limits: PrecopyLimits, *,
+               on_round: Callable[[RoundStats], None] = lambda _r: None) -> SourceResult:
+    """Migrate the source machine's guest through ``channel``; the guest ends stopped.
+
+    :raises MigrationFailed: the target aborted or did not acknowledge.
+    """
+    memory = monitor.cmd("x-query-memory")
+    size = int(memory["size"])
+    if memory["ram-path"] is None:
+        raise MigrationFailed("the source's RAM is private (encrypted): plain cannot read it")
+    total_pages = size // PAGE
+    monitor.cmd("x-dirty-log-start")
+    ram = _map(memory["ram-path"], size, writable=False)
+    bitmap = _map(memory["dirty-bitmap-path"], (total_pages + 7) // 8, writable=False)
+    try:
+        batcher = PageBatcher(ram_pages(ram))
+        policy = PrecopyPolicy(limits)
+        rounds: list[RoundStats] = []
+        pages = np.arange(total_pages, dtype=np.uint64)
+        started = time.monotonic()
+        while True:
+            round_start = time.monotonic()
+            sent = _send_pages(channel, batcher, pages, bandwidth_cap=limits.bandwidth_cap,
+                               started=started)
+            dirty = _dirty_pages(bitmap, total_pages) if monitor.cmd("x-dirty-log-sync")[
+                "dirty"] else np.empty(0, dtype=np.uint64)
+            seconds = time.monotonic() - round_start
+            decision = policy.round_done(RoundResult(sent, seconds, len(dirty)))
+            stats = RoundStats(len(rounds) + 1, len(pages), sent, seconds, len(dirty),
+                               decision.reason)
+            rounds.append(stats)
+            channel.send_json(FrameKind.ROUND_END, {"round": stats.number})
+            on_round(stats)
+            if decision.stop_source:
+                break
+            pages = dirty
+        stopped = time.monotonic()
+        monitor.cmd("stop")
+        last = _dirty_pages(bitmap, total_pages) if monitor.cmd("x-dirty-log-sync")[
+            "dirty"] else np.empty(0, dtype=np.uint64)
+        # Stop-and-copy runs at full speed: the guest is down.
+        _send_pages(channel, batcher, np.union1d(dirty, last))
+        channel.send(FrameKind.CPU_STATE, json.dumps(monitor.cmd("x-vcpu-state-export")).encode())
+        channel.send_json(FrameKind.DONE, {})
+        kind, message = channel.receive_json()
+        if kind is not FrameKind.DONE:
+            raise MigrationFailed(f"target: {message.get('reason', kind.name)}")
+        downtime = time.monotonic() - stopped
+    finally:
+        # The mappings are unmapped with the last numpy view of them, not here.
+        monitor.cmd("x-dirty-log-stop")
+    return SourceResult(tuple(rounds), batcher.normal, batcher.zero, channel.bytes_sent,
+                        downtime, total_pages)
+
+
+def _receive_frame(monitor: MachineMonitor, ram: np.ndarray, kind: FrameKind,
+                   payload: memoryview) -> int:
+    """Apply one frame on the target; returns the pages it wrote."""
+    if kind is FrameKind.PAGES:
+        return apply_batch(ram, payload)
+    if kind is FrameKind.CPU_STATE:
+        monitor.cmd("x-vcpu-state-import", vmsas=json.loads(bytes(payload)))
+    elif kind is FrameKind.ABORT:
+        raise MigrationFailed(f"source aborted: {json.loads(bytes(payload))}")
+    elif kind is not FrameKind.ROUND_END:
+        raise ProtocolError(f"unexpected {kind.name} frame on the target")
+    return 0
+
+
+def run_target(monitor: MachineMonitor, channel: Channel) -> int:
+    """Receive a guest into the (incoming) target machine; returns the pages written.
+
+    On a malformed stream the target tells the source why (ABORT) and raises.
+    """
+    memory = monitor.cmd("x-query-memory")
+    size = int(memory["size"])
+    ram = _map(memory["ram-path"], size, writable=True)
+    view = ram_pages(ram, writable=True)
+    written = 0
+    try:
+        while True:
+            header, payload = channel.receive()
+            if header.kind is FrameKind.DONE:
+                channel.send_json(FrameKind.DONE, {"pages": written})
+                return written
+            written += _receive_frame(monitor, view, header.kind, payload)
+    except ProtocolError as err:
+        channel.send_json(FrameKind.ABORT, {"reason": str(err)})
+        raise
+    finally:
+        del view
+        ram.close()
