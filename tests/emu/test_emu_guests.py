@@ -9,7 +9,6 @@ import re
 import shutil
 import struct
 import subprocess
-import threading
 import time
 
 import attrs
@@ -35,6 +34,7 @@ from vmmig.guests.emu.regs_check import (
     check_regs_chain,
     regs_checkpoints,
 )
+from vmmig.platforms.emu.console import SerialConsole
 from vmmig.platforms.emu.vcpu import Vcpu, VcpuState
 
 
@@ -42,23 +42,13 @@ MIB = 1 << 20
 PAGE = 4096
 
 
-class Console:
-    """A guest's COM1 output, with a bounded wait for progress marks."""
+class Console(SerialConsole):
+    """The guest's console, failing the test when a mark does not come in time."""
 
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self.text = ""
-
-    def write(self, port: int, size: int, value: int) -> None:
-        if port == 0x3F8:
-            with self._cond:
-                self.text += chr(value & 0xFF)
-                self._cond.notify_all()
-
-    def wait_for(self, char: str, count: int, timeout: float = 10.0) -> None:
-        with self._cond:
-            if not self._cond.wait_for(lambda: self.text.count(char) >= count, timeout):
-                pytest.fail(f"no {count} x {char!r} on the console in {timeout} s: {self.text!r}")
+    def wait_for(self, char: str, count: int, timeout: float = 10.0) -> bool:
+        if not super().wait_for(char, count, timeout):
+            pytest.fail(f"no {count} x {char!r} on the console in {timeout} s: {self.text!r}")
+        return True
 
 
 @pytest.fixture(scope="session")

@@ -53,6 +53,7 @@ class TestRunState:
         assert machine.query_status() == {"status": "running", "running": True,
                                           "singlestep": False}
         wait_for(lambda: ab_passes(machine.memory.ram) >= 2)
+        assert machine.console.text.startswith("A")
         machine.stop()
         assert machine.query_status()["status"] == "paused"
         assert check_ab(machine.memory.ram).ok

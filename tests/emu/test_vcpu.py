@@ -16,31 +16,21 @@ from vmmig.errors import PlatformError
 from vmmig.guests.ab_check import ab_passes, check_ab
 from vmmig.guests.build import build_from_source
 from vmmig.guests.emu import PROGRAM_GPA, AbParams, load_image, load_program
+from vmmig.platforms.emu.console import COM1, SerialConsole
 from vmmig.platforms.emu.vcpu import Vcpu, VcpuState
 from vmmig.platforms.emu.vmsa import XMM_COUNT, Segment
 
 
 MIB = 1 << 20
-COM1 = 0x3F8
 
 
-class Console:
-    """A guest's COM1 output, with a bounded wait for progress marks."""
+class Console(SerialConsole):
+    """The guest's console, failing the test when a mark does not come in time."""
 
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self.text = ""
-
-    def write(self, port: int, size: int, value: int) -> None:
-        if port == COM1:
-            with self._cond:
-                self.text += chr(value & 0xFF)
-                self._cond.notify_all()
-
-    def wait_for(self, char: str, count: int, timeout: float = 10.0) -> None:
-        with self._cond:
-            if not self._cond.wait_for(lambda: self.text.count(char) >= count, timeout):
-                pytest.fail(f"no {count} x {char!r} on the console in {timeout} s: {self.text!r}")
+    def wait_for(self, char: str, count: int, timeout: float = 10.0) -> bool:
+        if not super().wait_for(char, count, timeout):
+            pytest.fail(f"no {count} x {char!r} on the console in {timeout} s: {self.text!r}")
+        return True
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,7 @@ import numpy as np
 
 from vmmig.errors import ConfigError
 from vmmig.guests.emu import AbParams, DirtyParams, EntryState, RegsParams, load_image, load_program
+from vmmig.platforms.emu.console import SerialConsole
 from vmmig.platforms.emu.dirtylog import DirtyLog, open_dirty_log
 from vmmig.platforms.emu.memory import GuestMemory
 from vmmig.platforms.emu.qmp_schema import CommandTable, QmpCommandError
@@ -112,7 +113,10 @@ class Machine:
             raise ConfigError("tech", f"{config.tech!r} machines are not implemented yet")
         self.config = config
         self.memory = GuestMemory(config.memory, path=config.run_dir / f"{config.name}.ram")
-        self.vcpus = [Vcpu(i, self.memory.ram) for i in range(config.vcpus)]
+        #: What the guest printed on COM1 (its progress marks).
+        self.console = SerialConsole()
+        self.vcpus = [Vcpu(i, self.memory.ram, on_port_write=self.console.write)
+                      for i in range(config.vcpus)]
         self.status = "inmigrate" if config.incoming else "paused"
         #: Receives QMP events (name, data); the process wires it to its QMP server.
         self.on_event: Callable[[str, Mapping[str, object] | None], None] = lambda _e, _d: None
