@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vmmig.agents.pages import BATCH_PAGES, PageBatcher, apply_batch, prefault, ram_pages
+from vmmig.agents.pages import BATCH_PAGES, PageBatcher, PageReceiver, prefault, ram_pages
 from vmmig.channel import Channel, FrameKind, connect, listen
 from vmmig.config import parse_size
 
@@ -46,13 +46,15 @@ def target(address: str, ram_path: Path, size: int) -> None:
     print(f"listening {server.getsockname()}", flush=True)
     sock, _ = server.accept()
     channel = Channel(sock)
+    receiver = PageReceiver(view)
     while True:
-        header, payload = channel.receive()
+        header = channel.receive_header()
         if header.kind is FrameKind.DONE:
+            channel.receive_payload(header)
             break
-        apply_batch(view, payload)
+        receiver.receive(channel, header)
     channel.send_json(FrameKind.DONE, {"received": channel.bytes_received})
-    del view
+    del view, receiver
     ram.close()
 
 

@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import pytest
 
-from vmmig.agents.pages import BATCH_PAGES, PAGE, PageBatcher, apply_batch, ram_pages
-from vmmig.channel.frames import ProtocolError
+from vmmig.agents.pages import BATCH_PAGES, PAGE, PageBatcher, PageReceiver, ram_pages
+from vmmig.channel import Channel, FrameKind
+from vmmig.channel.frames import FrameHeader, ProtocolError
 
 
-def join(parts):
-    return memoryview(b"".join(bytes(p) for p in parts))
+@pytest.fixture
+def link():
+    """A connected (sender, receiver) channel pair."""
+    left, right = socket.socketpair()
+    with Channel(left) as sender, Channel(right) as receiver:
+        yield sender, receiver
+
+
+def transfer(link, parts, target):
+    """Send a PAGES payload and receive it into ``target``; returns the pages written."""
+    sender, receiver = link
+    sender.send(FrameKind.PAGES, *parts)
+    return PageReceiver(target).receive(receiver, receiver.receive_header())
+
+
+def send_raw(link, payload):
+    """Send a raw PAGES frame and return the receiving end's header."""
+    sender, receiver = link
+    sender.sock.sendall(FrameHeader(FrameKind.PAGES, len(payload), 0).pack() + payload)
+    return receiver, receiver.receive_header()
 
 
 @pytest.fixture
@@ -22,14 +43,21 @@ def source():
 
 
 class TestBatches:
-    def test_batch_round_trips_into_the_target(self, source):
-        """Pages batched on the source land at the same GPAs on the target, zero pages too."""
+    @pytest.mark.parametrize("numbers", [[3, 5, 6, 40, 7, 0], [8, 9, 10, 11], [4, 5, 6, 7, 8]])
+    def test_batch_round_trips_into_the_target(self, source, link, numbers):
+        """Pages land at the same GPAs on the target: scattered, consecutive, with zero pages."""
         target = np.full_like(source, 0xAA)
-        numbers = np.array([3, 5, 6, 40, 7, 0], dtype=np.uint64)
-        assert apply_batch(target, join(PageBatcher(source).batch(numbers))) == 6
+        numbers = np.array(numbers, dtype=np.uint64)
+        assert transfer(link, PageBatcher(source).batch(numbers), target) == len(numbers)
         assert (target[numbers] == source[numbers]).all()
         untouched = np.setdiff1d(np.arange(64), numbers)
         assert (target[untouched] == 0xAA).all()
+
+    def test_consecutive_pages_are_sent_from_the_mapping_itself(self, source):
+        """A run of non-zero consecutive pages is not copied on the source: the view is RAM."""
+        parts = PageBatcher(source).batch(np.array([8, 9, 10], dtype=np.uint64))
+        source[9, 0] ^= 0xFF
+        assert bytes(parts[2][PAGE:PAGE + 1]) == bytes([source[9, 0]])
 
     def test_zero_pages_are_counted_and_sent_without_contents(self, source):
         """Zero pages cost only their GPA on the channel."""
@@ -62,18 +90,22 @@ class TestMalformed:
         b"\x01\x00",
         (2).to_bytes(4, "little") + (0).to_bytes(4, "little") + bytes(16),
         (1).to_bytes(4, "little") + (2).to_bytes(4, "little") + bytes(8),
+        (BATCH_PAGES + 1).to_bytes(4, "little") + (BATCH_PAGES + 1).to_bytes(4, "little")
+        + bytes(8 * (BATCH_PAGES + 1)),
     ])
-    def test_wrong_sizes_are_refused(self, payload):
-        """Counts that do not match the payload's size are protocol errors."""
+    def test_wrong_sizes_are_refused(self, link, payload):
+        """Counts that do not match the payload's size, or exceed a batch, are protocol errors."""
+        receiver, header = send_raw(link, payload)
         with pytest.raises(ProtocolError):
-            apply_batch(np.zeros((4, PAGE), dtype=np.uint8), memoryview(payload))
+            PageReceiver(np.zeros((4, PAGE), dtype=np.uint8)).receive(receiver, header)
 
     @pytest.mark.parametrize("gpa", [4 * PAGE, 100, 1 << 40])
-    def test_gpas_outside_ram_or_unaligned_are_refused(self, gpa):
+    def test_gpas_outside_ram_or_unaligned_are_refused(self, link, gpa):
         """A GPA beyond RAM or inside a page is refused before anything is written."""
         ram = np.zeros((4, PAGE), dtype=np.uint8)
         payload = ((1).to_bytes(4, "little") + (0).to_bytes(4, "little")
                    + gpa.to_bytes(8, "little") + b"\xff" * PAGE)
+        receiver, header = send_raw(link, payload)
         with pytest.raises(ProtocolError, match="outside guest RAM"):
-            apply_batch(ram, memoryview(payload))
+            PageReceiver(ram).receive(receiver, header)
         assert not ram.any()

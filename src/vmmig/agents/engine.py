@@ -23,9 +23,9 @@ from typing import Any, Protocol
 import attrs
 import numpy as np
 
-from vmmig.agents.pages import BATCH_PAGES, PageBatcher, apply_batch, ram_pages
+from vmmig.agents.pages import BATCH_PAGES, PageBatcher, PageReceiver, ram_pages
 from vmmig.channel import Channel, FrameKind
-from vmmig.channel.frames import ProtocolError
+from vmmig.channel.frames import FrameHeader, ProtocolError
 from vmmig.core.precopy import PrecopyLimits, PrecopyPolicy, Reason, RoundResult, pacing_delay
 from vmmig.errors import MigrationFailed
 
@@ -147,11 +147,12 @@ def run_source(monitor: MachineMonitor, channel: Channel, limits: PrecopyLimits,
                         downtime, total_pages)
 
 
-def _receive_frame(monitor: MachineMonitor, ram: np.ndarray, kind: FrameKind,
-                   payload: memoryview) -> int:
-    """Apply one frame on the target; returns the pages it wrote."""
-    if kind is FrameKind.PAGES:
-        return apply_batch(ram, payload)
+def _receive_frame(monitor: MachineMonitor, channel: Channel, receiver: PageReceiver,
+                   header: FrameHeader) -> int:
+    """Receive and apply one frame on the target; returns the pages it wrote."""
+    if header.kind is FrameKind.PAGES:
+        return receiver.receive(channel, header)
+    kind, payload = header.kind, channel.receive_payload(header)
     if kind is FrameKind.CPU_STATE:
         monitor.cmd("x-vcpu-state-import", vmsas=json.loads(bytes(payload)))
     elif kind is FrameKind.ABORT:
@@ -170,17 +171,19 @@ def run_target(monitor: MachineMonitor, channel: Channel) -> int:
     size = int(memory["size"])
     ram = _map(memory["ram-path"], size, writable=True)
     view = ram_pages(ram, writable=True)
+    receiver = PageReceiver(view)
     written = 0
     try:
         while True:
-            header, payload = channel.receive()
+            header = channel.receive_header()
             if header.kind is FrameKind.DONE:
+                channel.receive_payload(header)
                 channel.send_json(FrameKind.DONE, {"pages": written})
                 return written
-            written += _receive_frame(monitor, view, header.kind, payload)
+            written += _receive_frame(monitor, channel, receiver, header)
     except ProtocolError as err:
         channel.send_json(FrameKind.ABORT, {"reason": str(err)})
         raise
     finally:
-        del view
+        del view, receiver
         ram.close()

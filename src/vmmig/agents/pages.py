@@ -6,9 +6,10 @@ A ``PAGES`` frame's payload for ``plain`` is::
 
 The first ``zero_count`` GPAs are zero pages, sent without contents (QEMU's
 "duplicate" pages); the others are followed by their 4 KiB contents in the
-same order.  Reading and writing use numpy fancy indexing over a view of
-the whole RAM, into preallocated buffers: no per-page Python work and no
-allocation per batch on the data path.
+same order.  A run of consecutive pages goes straight from the source's RAM
+mapping to the socket and from the socket into the target's RAM mapping;
+other batches use numpy fancy indexing into preallocated buffers: no
+per-page Python work and no allocation per batch on the data path.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from typing import Final
 
 import numpy as np
 
-from vmmig.channel.frames import ProtocolError
+from vmmig.channel import Channel
+from vmmig.channel.frames import FrameHeader, ProtocolError
 
 
-__all__ = ["BATCH_PAGES", "PAGE", "PageBatcher", "apply_batch", "prefault", "ram_pages"]
+__all__ = ["BATCH_PAGES", "PAGE", "PageBatcher", "PageReceiver", "prefault", "ram_pages"]
 
 PAGE: Final = 4096
 #: Pages per frame: large enough to amortize a frame, small enough to pipeline.
@@ -72,6 +74,16 @@ class PageBatcher:
         count = len(page_numbers)
         if count > BATCH_PAGES:
             raise ValueError(f"{count} pages exceed a batch of {BATCH_PAGES}")
+        gpas = self._gpas[:count]
+        if _contiguous(page_numbers):
+            first = int(page_numbers[0])
+            block = self.ram[first:first + count]
+            if not self.elide_zero or block.view(np.uint64).any(axis=1).all():
+                # Consecutive pages with no zero page: sent straight from the mapping.
+                np.multiply(page_numbers, PAGE, out=gpas, casting="unsafe")
+                self.normal += count
+                return [memoryview(_COUNTS.pack(count, 0)), gpas.data.cast("B"),
+                        block.data.cast("B")]
         pages = self._pages[:count]
         np.take(self.ram, page_numbers, axis=0, out=pages)
         if self.elide_zero:
@@ -85,7 +97,6 @@ class PageBatcher:
             pages = pages[order[zero_count:]]
         else:
             ordered = page_numbers
-        gpas = self._gpas[:count]
         np.multiply(ordered, PAGE, out=gpas, casting="unsafe")
         self.zero += zero_count
         self.normal += count - zero_count
@@ -93,25 +104,55 @@ class PageBatcher:
                 np.ascontiguousarray(pages).data.cast("B")]
 
 
-def apply_batch(ram: np.ndarray, payload: memoryview) -> int:
-    """Write a PAGES payload into the target's RAM; returns the pages written.
+def _contiguous(numbers: np.ndarray) -> bool:
+    count = len(numbers)
+    return bool(count) and int(numbers[-1]) - int(numbers[0]) == count - 1 and bool(
+        (np.diff(numbers.astype(np.int64)) == 1).all())
 
-    :raises ProtocolError: a malformed payload or a GPA outside RAM.
+
+class PageReceiver:
+    """Writes PAGES frames into the target's RAM, straight from the socket where it can.
+
+    GPAs are checked before any page is written; a run of consecutive pages
+    is received directly into the RAM mapping, other batches through one
+    reused buffer.
+
+    :param ram: the (pages, 4096) writable view of the target's RAM.
     """
-    if payload.nbytes < _COUNTS.size:
-        raise ProtocolError("PAGES frame too short for its counts")
-    count: int
-    zero_count: int
-    count, zero_count = _COUNTS.unpack_from(payload)
-    body = _COUNTS.size + 8 * count
-    if zero_count > count or payload.nbytes != body + (count - zero_count) * PAGE:
-        raise ProtocolError(f"PAGES frame of {payload.nbytes} bytes does not hold {count} "
-                            f"pages ({zero_count} zero)")
-    gpas = np.frombuffer(payload, dtype="<u8", count=count, offset=_COUNTS.size)
-    if count and (int(gpas.max()) >= ram.shape[0] * PAGE or (gpas % PAGE).any()):
-        raise ProtocolError("PAGES frame names a GPA outside guest RAM or not page aligned")
-    numbers = gpas // PAGE
-    ram[numbers[:zero_count]] = 0
-    contents = np.frombuffer(payload, dtype=np.uint8, offset=body).reshape(-1, PAGE)
-    ram[numbers[zero_count:]] = contents
-    return count
+
+    def __init__(self, ram: np.ndarray) -> None:
+        self.ram = ram
+        self._counts = bytearray(_COUNTS.size)
+        self._gpas = np.empty(BATCH_PAGES, dtype="<u8")
+        self._pages = np.empty((BATCH_PAGES, PAGE), dtype=np.uint8)
+
+    def receive(self, channel: Channel, header: FrameHeader) -> int:
+        """Receive the payload of the PAGES frame ``header``; returns the pages written.
+
+        :raises ProtocolError: a malformed payload or a GPA outside RAM.
+        """
+        if header.length < _COUNTS.size:
+            raise ProtocolError("PAGES frame too short for its counts")
+        channel.receive_into(memoryview(self._counts))
+        count: int
+        zero_count: int
+        count, zero_count = _COUNTS.unpack(self._counts)
+        expected = _COUNTS.size + 8 * count + (count - zero_count) * PAGE
+        if count > BATCH_PAGES or zero_count > count or header.length != expected:
+            raise ProtocolError(f"PAGES frame of {header.length} bytes does not hold {count} "
+                                f"pages ({zero_count} zero)")
+        gpas = self._gpas[:count]
+        channel.receive_into(gpas.data.cast("B"))
+        if count and (int(gpas.max()) >= self.ram.shape[0] * PAGE or (gpas % PAGE).any()):
+            raise ProtocolError("PAGES frame names a GPA outside guest RAM or not page aligned")
+        numbers = gpas // PAGE
+        normal = numbers[zero_count:]
+        if _contiguous(normal):
+            first = int(normal[0])
+            channel.receive_into(self.ram[first:first + len(normal)].data.cast("B"))
+        else:
+            pages = self._pages[:len(normal)]
+            channel.receive_into(pages.data.cast("B"))
+            self.ram[normal] = pages
+        self.ram[numbers[:zero_count]] = 0
+        return count

@@ -64,7 +64,7 @@ class Channel:
 
     def receive_header(self) -> FrameHeader:
         """Receive the next frame's header; the payload must be received next."""
-        self._receive_exactly(memoryview(self._header))
+        self.receive_into(memoryview(self._header))
         header = FrameHeader.unpack(self._header, expected_sequence=self._receive_sequence)
         self._receive_sequence += 1
         return header
@@ -82,7 +82,7 @@ class Channel:
             raise ProtocolError(f"frame of {header.length} bytes does not fit a "
                                 f"{into.nbytes}-byte buffer")
         target = into[:header.length]
-        self._receive_exactly(target)
+        self.receive_into(target)
         return target
 
     def receive(self) -> tuple[FrameHeader, memoryview]:
@@ -123,7 +123,13 @@ class Channel:
         except OSError as err:
             raise ChannelClosed(f"channel broke while sending: {err.strerror or err}") from err
 
-    def _receive_exactly(self, target: memoryview) -> None:
+    def receive_into(self, target: memoryview) -> None:
+        """Receive exactly ``target.nbytes`` bytes of the current frame's payload.
+
+        For receivers that place a payload's parts where they belong (pages
+        straight into guest RAM): after :meth:`receive_header`, read the
+        whole payload in parts with this, or with :meth:`receive_payload`.
+        """
         got = 0
         while got < target.nbytes:
             try:
