@@ -14,6 +14,7 @@ import time
 import attrs
 import numpy as np
 import pytest
+from guest_console import Console
 
 from vmmig.guests.ab_check import ab_region, check_ab
 from vmmig.guests.emu import (
@@ -34,26 +35,11 @@ from vmmig.guests.emu.regs_check import (
     check_regs_chain,
     regs_checkpoints,
 )
-from vmmig.platforms.emu.console import SerialConsole
 from vmmig.platforms.emu.vcpu import Vcpu, VcpuState
 
 
 MIB = 1 << 20
 PAGE = 4096
-
-
-class Console(SerialConsole):
-    """The guest's console, failing the test when a mark does not come in time."""
-
-    def wait_for(self, char: str, count: int, timeout: float = 10.0) -> bool:
-        if not super().wait_for(char, count, timeout):
-            pytest.fail(f"no {count} x {char!r} on the console in {timeout} s: {self.text!r}")
-        return True
-
-
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("guest-cache")
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import textwrap
 
 import attrs
 import pytest
-from test_psp_support import amd_root, make_psp
+from psp_support import amd_root, make_psp
 
 from vmmig.errors import PlatformError
 from vmmig.platforms.emu.psp import (

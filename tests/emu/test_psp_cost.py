@@ -6,7 +6,7 @@ import math
 import time
 
 import pytest
-from test_psp_support import FakeGuestMemory, make_psp, page, start
+from psp_support import FakeGuestMemory, make_psp, page, start
 
 from vmmig.platforms.emu.psp import (
     LaunchUpdateDataRequest,

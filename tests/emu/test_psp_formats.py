@@ -13,7 +13,7 @@ import struct
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from test_psp_support import amd_root
+from psp_support import amd_root
 
 from vmmig.platforms.emu.psp import FirmwareVersion, Measurement, Policy, build_secret_packet
 from vmmig.platforms.emu.psp.amd_cert import AmdCert

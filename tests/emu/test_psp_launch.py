@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_psp_support import FakeGuestMemory, launch, make_psp, owner_session, page, start
+from psp_support import FakeGuestMemory, launch, make_psp, owner_session, page, start
 
 from vmmig.platforms.emu.psp import (
     DEFAULT_FIRMWARE,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import attrs
 import pytest
-from test_psp_support import FakeGuestMemory, launch, make_psp, owner_session, page
+from psp_support import FakeGuestMemory, launch, make_psp, owner_session, page
 
 from vmmig.platforms.emu.psp import (
     EmulatedAmdRoot,

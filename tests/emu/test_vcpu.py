@@ -9,6 +9,7 @@ import time
 
 import attrs
 import pytest
+from guest_console import Console
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,26 +17,12 @@ from vmmig.errors import PlatformError
 from vmmig.guests.ab_check import ab_passes, check_ab
 from vmmig.guests.build import build_from_source
 from vmmig.guests.emu import PROGRAM_GPA, AbParams, load_image, load_program
-from vmmig.platforms.emu.console import COM1, SerialConsole
+from vmmig.platforms.emu.console import COM1
 from vmmig.platforms.emu.vcpu import Vcpu, VcpuState
 from vmmig.platforms.emu.vmsa import XMM_COUNT, Segment
 
 
 MIB = 1 << 20
-
-
-class Console(SerialConsole):
-    """The guest's console, failing the test when a mark does not come in time."""
-
-    def wait_for(self, char: str, count: int, timeout: float = 10.0) -> bool:
-        if not super().wait_for(char, count, timeout):
-            pytest.fail(f"no {count} x {char!r} on the console in {timeout} s: {self.text!r}")
-        return True
-
-
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("guest-cache")
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Helpers shared by the PSP tests; this module holds no tests.
 
-tests/emu has no conftest (other suites share the directory), so the PSP
-tests import these helpers by module name.  The AMD root is generated once
+The PSP tests import these helpers by module name (tests/emu is on the
+test path; fixtures shared by every emu suite are in its conftest).  The AMD root is generated once
 per test session (RSA-4096 key generation takes about a second).
 """
 
