@@ -133,10 +133,12 @@ def _emu_start(args: argparse.Namespace) -> int:
     from vmmig.platforms.emu.process import serve  # noqa: PLC0415
 
     qmp = Path(args.qmp)
+    # Parsed and checked as the plan's fields are, with the same one-line errors.
+    sizes = load_plan(None, {"memory": args.memory, "vcpus": args.vcpus})
     config = MachineConfig(
         name=args.name,
-        memory=load_plan(None, {"memory": args.memory}).memory,
-        vcpus=load_plan(None, {"vcpus": args.vcpus}).vcpus,
+        memory=sizes.memory,
+        vcpus=sizes.vcpus,
         tech=args.tech,
         workload=args.workload,
         incoming=args.incoming,

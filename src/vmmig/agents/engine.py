@@ -72,7 +72,10 @@ def _map(path: str, size: int, *, writable: bool) -> mmap.mmap:
         return mmap.mmap(stream.fileno(), size, access=access)
 
 
-def _dirty_pages(bitmap: mmap.mmap, pages: int) -> np.ndarray:
+def _sync_dirty(monitor: MachineMonitor, bitmap: mmap.mmap, pages: int) -> np.ndarray:
+    """Collect the machine's dirty log and return the dirty page numbers."""
+    if not monitor.cmd("x-dirty-log-sync")["dirty"]:
+        return np.empty(0, dtype=np.uint64)
     bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")[:pages]
     return np.flatnonzero(bits).astype(np.uint64)
 
@@ -116,8 +119,7 @@ def run_source(monitor: MachineMonitor, channel: Channel, limits: PrecopyLimits,
             round_start = time.monotonic()
             sent = _send_pages(channel, batcher, pages, bandwidth_cap=limits.bandwidth_cap,
                                started=started)
-            dirty = _dirty_pages(bitmap, total_pages) if monitor.cmd("x-dirty-log-sync")[
-                "dirty"] else np.empty(0, dtype=np.uint64)
+            dirty = _sync_dirty(monitor, bitmap, total_pages)
             seconds = time.monotonic() - round_start
             decision = policy.round_done(RoundResult(sent, seconds, len(dirty)))
             stats = RoundStats(len(rounds) + 1, len(pages), sent, seconds, len(dirty),
@@ -130,8 +132,7 @@ def run_source(monitor: MachineMonitor, channel: Channel, limits: PrecopyLimits,
             pages = dirty
         stopped = time.monotonic()
         monitor.cmd("stop")
-        last = _dirty_pages(bitmap, total_pages) if monitor.cmd("x-dirty-log-sync")[
-            "dirty"] else np.empty(0, dtype=np.uint64)
+        last = _sync_dirty(monitor, bitmap, total_pages)
         # Stop-and-copy runs at full speed: the guest is down.
         _send_pages(channel, batcher, np.union1d(dirty, last))
         channel.send(FrameKind.CPU_STATE, json.dumps(monitor.cmd("x-vcpu-state-export")).encode())

@@ -33,6 +33,7 @@ from typing import Final
 import attrs
 import numpy as np
 
+from vmmig.config import parse_size
 from vmmig.errors import ConfigError
 from vmmig.guests.emu import AbParams, DirtyParams, EntryState, RegsParams, load_image, load_program
 from vmmig.platforms.emu.console import SerialConsole
@@ -87,8 +88,6 @@ def program_for(workload: str) -> tuple[str, AbParams | DirtyParams | RegsParams
 
     :raises ConfigError: for an unknown workload or a bad dirty rate.
     """
-    from vmmig.config import parse_size  # noqa: PLC0415 (config imports the CLI's world)
-
     if workload == "ab":
         return "ab64", AbParams()
     if workload == "regs":
