@@ -22,17 +22,17 @@ from typing import Any, TypeVar
 import pytest
 
 from vmmig.errors import PlatformError
+from vmmig.platforms.fleet import Fleet
 from vmmig.platforms.qemu import (
     Accel,
-    Fleet,
     QemuBinary,
     QemuMachine,
     QemuMachineSpec,
     choose_accel,
-    default_workdir,
     find_qemu,
     qemu_argv,
 )
+from vmmig.platforms.qmp_process import default_workdir
 
 
 pytestmark = pytest.mark.qemu
@@ -70,6 +70,10 @@ def workdir() -> Iterator[Path]:
 
 def make_spec(accel: Accel, name: str = "source", **changes: Any) -> QemuMachineSpec:
     return QemuMachineSpec(**{"name": name, "memory_mib": 32, "accel": accel, **changes})
+
+
+async def launch(fleet: Fleet, spec: QemuMachineSpec, binary: QemuBinary) -> QemuMachine:
+    return await fleet.launch(spec.name, lambda workdir: QemuMachine.launch(spec, workdir, binary))
 
 
 @contextlib.asynccontextmanager
@@ -361,12 +365,12 @@ class TestMapRam:
 
 
 class TestFleet:
-    def test_everything_is_cleaned_up_on_a_normal_exit(self, accel):
+    def test_everything_is_cleaned_up_on_a_normal_exit(self, accel, binary):
         """Leaving the block ends every machine and removes the work directory."""
         async def body() -> tuple[Path, list[QemuMachine]]:
             async with Fleet() as fleet:
-                source = await fleet.launch(make_spec(accel, "source"))
-                target = await fleet.launch(make_spec(accel, "target", incoming="defer"))
+                source = await launch(fleet, make_spec(accel, "source"), binary)
+                target = await launch(fleet, make_spec(accel, "target", incoming="defer"), binary)
                 assert fleet.machines == (source, target)
                 assert fleet.workdir.exists()
             return fleet.workdir, [source, target]
@@ -376,14 +380,14 @@ class TestFleet:
         assert not workdir.exists()
 
     @pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
-    def test_everything_is_cleaned_up_when_the_body_raises(self, accel, error):
+    def test_everything_is_cleaned_up_when_the_body_raises(self, accel, binary, error):
         """An exception in the block still ends every machine and removes the work directory."""
         seen: dict[str, Any] = {}
 
         async def body() -> None:
             async with Fleet() as fleet:
                 seen["workdir"] = fleet.workdir
-                seen["machines"] = [await fleet.launch(make_spec(accel, name))
+                seen["machines"] = [await launch(fleet, make_spec(accel, name), binary)
                                     for name in ("source", "target")]
                 raise error
         with pytest.raises(type(error)):
@@ -391,7 +395,7 @@ class TestFleet:
         assert all(machine.exited for machine in seen["machines"])
         assert not seen["workdir"].exists()
 
-    def test_everything_is_cleaned_up_when_the_task_is_cancelled(self, accel):
+    def test_everything_is_cleaned_up_when_the_task_is_cancelled(self, accel, binary):
         """Cancelling the task inside the block still ends every machine."""
         seen: dict[str, Any] = {}
 
@@ -401,7 +405,7 @@ class TestFleet:
             async def migration() -> None:
                 async with Fleet() as fleet:
                     seen["workdir"] = fleet.workdir
-                    seen["machine"] = await fleet.launch(make_spec(accel))
+                    seen["machine"] = await launch(fleet, make_spec(accel), binary)
                     launched.set()
                     await asyncio.Event().wait()
 
@@ -414,11 +418,11 @@ class TestFleet:
         assert seen["machine"].exited
         assert not seen["workdir"].exists()
 
-    def test_keep_workdir_keeps_logs_but_not_processes(self, accel):
+    def test_keep_workdir_keeps_logs_but_not_processes(self, accel, binary):
         """keep_workdir leaves the files for inspection; the machines still end."""
         async def body() -> tuple[Path, QemuMachine]:
             async with Fleet(keep_workdir=True) as fleet:
-                machine = await fleet.launch(make_spec(accel))
+                machine = await launch(fleet, make_spec(accel), binary)
             return fleet.workdir, machine
         workdir, machine = run(body())
         try:
@@ -427,28 +431,28 @@ class TestFleet:
         finally:
             shutil.rmtree(workdir)
 
-    def test_a_given_workdir_is_not_removed(self, accel, workdir):
+    def test_a_given_workdir_is_not_removed(self, accel, binary, workdir):
         """A work directory passed in belongs to the caller and stays."""
         async def body() -> None:
             async with Fleet(workdir=workdir) as fleet:
-                await fleet.launch(make_spec(accel))
+                await launch(fleet, make_spec(accel), binary)
         run(body())
         assert (workdir / "source.log").exists()
 
-    def test_two_live_machines_cannot_share_a_name(self, accel):
+    def test_two_live_machines_cannot_share_a_name(self, accel, binary):
         """A second live machine with the same name would share files, so it is refused."""
         async def body() -> None:
             async with Fleet() as fleet:
-                await fleet.launch(make_spec(accel))
+                await launch(fleet, make_spec(accel), binary)
                 with pytest.raises(PlatformError, match=r"^source: a machine of that name"):
-                    await fleet.launch(make_spec(accel))
+                    await launch(fleet, make_spec(accel), binary)
         run(body())
 
-    def test_a_detached_machine_keeps_running(self, accel):
+    def test_a_detached_machine_keeps_running(self, accel, binary):
         """A detached machine survives the fleet, which keeps the work directory for it."""
         async def body() -> tuple[Path, str]:
             async with Fleet() as fleet:
-                machine = await fleet.launch(make_spec(accel, die_with_parent=False))
+                machine = await launch(fleet, make_spec(accel, die_with_parent=False), binary)
                 fleet.detach(machine)
                 assert fleet.machines == ()
             try:
@@ -462,11 +466,11 @@ class TestFleet:
         finally:
             shutil.rmtree(workdir)
 
-    def test_a_machine_bound_to_vmmig_cannot_be_detached(self, accel):
+    def test_a_machine_bound_to_vmmig_cannot_be_detached(self, accel, binary):
         """Detaching a machine that dies with vmmig is refused: it could not keep running."""
         async def body() -> None:
             async with Fleet() as fleet:
-                machine = await fleet.launch(make_spec(accel))
+                machine = await launch(fleet, make_spec(accel), binary)
                 with pytest.raises(PlatformError, match="die_with_parent=False"):
                     fleet.detach(machine)
                 assert fleet.machines == (machine,)
@@ -475,14 +479,16 @@ class TestFleet:
 
 SCRIPT = """
 import asyncio, sys
-from vmmig.platforms.qemu import Accel, Fleet, QemuMachineSpec
+from vmmig.platforms.fleet import Fleet
+from vmmig.platforms.qemu import Accel, QemuMachine, QemuMachineSpec, find_qemu
 
 async def main(die_with_parent: bool, hang: bool) -> None:
     fleet = Fleet()
     await fleet.__aenter__()  # never left: only the atexit hook or PDEATHSIG can clean up
-    machine = await fleet.launch(QemuMachineSpec(
-        name="source", memory_mib=32, accel=Accel("tcg", "test"),
-        die_with_parent=die_with_parent))
+    spec = QemuMachineSpec(name="source", memory_mib=32, accel=Accel("tcg", "test"),
+                           die_with_parent=die_with_parent)
+    machine = await fleet.launch(
+        "source", lambda workdir: QemuMachine.launch(spec, workdir, find_qemu()))
     print(machine.pid, fleet.workdir, flush=True)
     if hang:
         await asyncio.Event().wait()

@@ -17,7 +17,7 @@ from pathlib import Path
 from vmmig.config import MigrationPlan
 from vmmig.errors import PlatformError
 from vmmig.guests.build import build_image
-from vmmig.platforms.qemu.fleet import Fleet
+from vmmig.platforms.fleet import Fleet
 from vmmig.platforms.qemu.host import Accel, QemuBinary, choose_accel, find_qemu
 from vmmig.platforms.qemu.machine import QemuMachine, QemuMachineSpec
 from vmmig.workloads import guest_image_name, wait_workload_ready
@@ -60,9 +60,13 @@ class QemuPlatform:
                                vcpus=self.plan.vcpus, accel=self.accel, boot_image=self.image,
                                paused=incoming is not None, incoming=incoming)
 
+    async def _launch(self, spec: QemuMachineSpec) -> QemuMachine:
+        return await self.fleet.launch(
+            spec.name, lambda workdir: QemuMachine.launch(spec, workdir, self.binary))
+
     async def launch_source(self) -> QemuMachine:
         """Boot the workload's guest and wait until it runs its program."""
-        machine = await self.fleet.launch(self._spec("source"), self.binary)
+        machine = await self._launch(self._spec("source"))
         deadline = time.monotonic() + BOOT_TIMEOUT
         while b"A" not in _read(machine.serial_path):
             if machine.exited:
@@ -77,7 +81,7 @@ class QemuPlatform:
 
     async def launch_target(self) -> QemuMachine:
         """Start a paused target waiting for ``migrate-incoming``."""
-        return await self.fleet.launch(self._spec("target", incoming="defer"), self.binary)
+        return await self._launch(self._spec("target", incoming="defer"))
 
     def incoming_uri(self) -> str:
         """Where the target listens: the plan's transport, an ephemeral port or socket."""

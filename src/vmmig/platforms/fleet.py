@@ -1,18 +1,18 @@
-"""A Fleet owns the QEMU machines of one vmmig run and ends them all.
+"""A Fleet owns the machine processes of one vmmig run and ends them all.
 
 ::
 
     async with Fleet() as fleet:
-        source = await fleet.launch(QemuMachineSpec(name="source", ...))
-        target = await fleet.launch(QemuMachineSpec(name="target", incoming="defer", ...))
+        source = await fleet.launch("source", lambda workdir: QemuMachine.launch(...))
+        target = await fleet.launch("target", lambda workdir: EmuMachine.launch(...))
         ...
     # every machine has quit (or was killed), the work directory is gone
 
 Cleanup runs on every way out of the ``async with`` block: normal exit, an
 exception, cancellation, KeyboardInterrupt. An :mod:`atexit` hook kills what
 is left if the event loop never got to run it. If vmmig itself is killed
-(SIGTERM, SIGKILL) neither runs; QEMU processes still die, by
-``PR_SET_PDEATHSIG`` (see :mod:`vmmig.platforms.qemu.machine`), but the work
+(SIGTERM, SIGKILL) neither runs; its children still die, by
+``PR_SET_PDEATHSIG`` (see :mod:`vmmig.platforms.qmp_process`), but the work
 directory, RAM files included, stays behind. The CLI should turn SIGTERM into
 cancellation so that the normal path runs.
 """
@@ -23,24 +23,27 @@ import asyncio
 import atexit
 import logging
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 from vmmig.errors import PlatformError
-from vmmig.platforms.qemu.host import QemuBinary, find_qemu
-from vmmig.platforms.qemu.machine import QemuMachine, QemuMachineSpec, default_workdir
+from vmmig.platforms.qmp_process import QmpProcess, default_workdir
 
 
 __all__ = ["Fleet"]
 
 logger = logging.getLogger(__name__)
 
+M = TypeVar("M", bound=QmpProcess)
+
 
 class Fleet:
-    """Launches QEMU machines into one work directory and shuts them all down.
+    """Launches machine processes into one work directory and shuts them all down.
 
     :param workdir: where the machines' files go; by default a fresh
-        :func:`~vmmig.platforms.qemu.machine.default_workdir`, which the
+        :func:`~vmmig.platforms.qmp_process.default_workdir`, which the
         fleet removes at exit. A directory given here is never removed.
     :param keep_workdir: keep the fleet's own work directory (to read logs).
     :param shutdown_timeout: seconds each machine has to quit before SIGKILL.
@@ -48,12 +51,11 @@ class Fleet:
 
     def __init__(self, *, workdir: Path | None = None, keep_workdir: bool = False,
                  shutdown_timeout: float = 10.0) -> None:
-        self._binary: QemuBinary | None = None
         self._given_workdir = workdir
         self._workdir: Path | None = None
         self._keep_workdir = keep_workdir or workdir is not None
         self._shutdown_timeout = shutdown_timeout
-        self._machines: list[QemuMachine] = []
+        self._machines: list[QmpProcess] = []
 
     @property
     def workdir(self) -> Path:
@@ -63,7 +65,7 @@ class Fleet:
         return self._workdir
 
     @property
-    def machines(self) -> tuple[QemuMachine, ...]:
+    def machines(self) -> tuple[QmpProcess, ...]:
         """The machines the fleet will shut down, in launch order."""
         return tuple(self._machines)
 
@@ -90,29 +92,23 @@ class Fleet:
             self._kill_all()
             atexit.unregister(self._kill_all)
 
-    async def launch(self, spec: QemuMachineSpec, binary: QemuBinary | None = None
-                     ) -> QemuMachine:
+    async def launch(self, name: str, start: Callable[[Path], Awaitable[M]]) -> M:
         """Start a machine in the fleet's work directory and take charge of it.
 
-        :param spec: the machine; its name must not belong to a live machine
+        :param name: the machine's name; it must not belong to a live machine
             of this fleet (they would share files).
-        :param binary: the QEMU to run (source and target may differ); by
-            default :func:`~vmmig.platforms.qemu.host.find_qemu`'s.
+        :param start: starts the machine given the work directory, e.g.
+            ``lambda workdir: QemuMachine.launch(spec, workdir, binary)``.
         :return: the running machine.
-        :raise PlatformError: as :meth:`QemuMachine.launch`, or for a name in use.
-        :raise HostRequirementError: no ``binary`` given and no usable QEMU found.
+        :raise PlatformError: as ``start``, or for a name in use.
         """
-        if any(m.name == spec.name and not m.exited for m in self._machines):
-            raise PlatformError(f"{spec.name}: a machine of that name is already running")
-        if binary is None:
-            if self._binary is None:
-                self._binary = find_qemu()
-            binary = self._binary
-        machine = await QemuMachine.launch(spec, self.workdir, binary)
+        if any(m.name == name and not m.exited for m in self._machines):
+            raise PlatformError(f"{name}: a machine of that name is already running")
+        machine = await start(self.workdir)
         self._machines.append(machine)
         return machine
 
-    def detach(self, machine: QemuMachine) -> None:
+    def detach(self, machine: QmpProcess) -> None:
         """Stop tracking a machine that must keep running, e.g. a migrated VM for the user.
 
         The fleet then keeps its work directory, which holds the machine's
@@ -123,7 +119,7 @@ class Fleet:
         :raise PlatformError: the machine is bound to vmmig's lifetime.
         :raise ValueError: the machine is not in this fleet.
         """
-        if machine.spec.die_with_parent:
+        if machine.die_with_parent:
             raise PlatformError(
                 f"{machine.name}: cannot outlive vmmig; launch it with die_with_parent=False"
             )
