@@ -16,10 +16,12 @@ from typing import Any, Final
 import attrs
 import tomli
 
+from vmmig.core.precopy import PrecopyLimits
 from vmmig.errors import ConfigError
 
 
-__all__ = ["MigrationPlan", "PlanField", "load_plan", "parse_size", "plan_fields"]
+__all__ = ["MigrationPlan", "PlanField", "load_plan", "parse_size", "plan_fields",
+           "precopy_limits"]
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -185,3 +187,10 @@ def _convert(field: PlanField, raw: object, where: str) -> object:
         return field.parse(raw)
     except ValueError as err:
         raise ConfigError(where, str(err)) from None
+
+
+def precopy_limits(plan: MigrationPlan) -> PrecopyLimits:
+    """The plan's limits in the precopy engine's units (seconds, bytes per second)."""
+    return PrecopyLimits(downtime_limit=plan.downtime_limit / 1000,
+                         bandwidth_cap=float(plan.bandwidth << 20),
+                         auto_converge=plan.auto_converge)

@@ -39,7 +39,9 @@ def open_platform(plan: MigrationPlan) -> AbstractAsyncContextManager[Any]:
         from vmmig.platforms.qemu.platform import QemuPlatform  # noqa: PLC0415 (heavy, optional)
 
         return QemuPlatform.open(plan)
-    raise VmmigError(f"platform {plan.platform!r} is not implemented yet")
+    from vmmig.platforms.emu.platform import EmuPlatform  # noqa: PLC0415 (heavy, optional)
+
+    return EmuPlatform.open(plan)
 
 
 class _Driver:

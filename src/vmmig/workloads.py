@@ -2,7 +2,9 @@
 
 ``ab`` increments byte 0 of every page in turn (QEMU's migration-test idea):
 its memory obeys the a-b edge rule and keeps changing while it runs.
-``idle`` sets up and halts: its memory never changes.
+``idle`` sets up and halts: its memory never changes.  On the emulated
+platform also ``regs`` (a checkpoint chain that breaks if a register is
+lost) and ``dirty:RATE`` (dirties RATE bytes of new pages per second).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import TYPE_CHECKING, Final
 
 from vmmig.errors import ConfigError, PlatformError
 from vmmig.guests.ab_check import ab_passes, ab_region, check_ab_heads
+from vmmig.guests.emu import dirty_counts
+from vmmig.guests.emu.regs_check import check_regs_chain, regs_checkpoints
 from vmmig.integrity import RamScan
 
 
@@ -50,37 +54,51 @@ def guest_image_name(workload: str) -> str:
     return workload
 
 
-def check_workload(workload: str, scan: RamScan) -> tuple[str, str, bool]:
-    """Check the workload's own invariant on a stopped guest's scanned memory.
+def check_workload(workload: str, scan: RamScan, memory: Buffer | None = None
+                   ) -> tuple[str, str, bool]:
+    """Check the workload's own invariant on a stopped guest's memory.
 
+    :param scan: the target's scanned RAM.
+    :param memory: the target's whole RAM, which ``regs`` needs.
     :return: (check name, one-line detail, ok).
     """
     if workload == "ab":
         region = ab_region(scan.first_page, scan.size)
         result = check_ab_heads(scan.page_heads, region)
         return "a-b", result.detail, result.ok
+    if workload == "regs" and memory is not None:
+        regs = check_regs_chain(memory)
+        return "register-chain", regs.detail, regs.ok
     return "workload", f"{workload}: no invariant to check", True
+
+
+def _fingerprint(workload: str, memory: Buffer) -> object:
+    """Something of the guest's memory that changes while the workload runs."""
+    if workload == "ab":
+        start, end = ab_region(memory)
+        return bytes(memoryview(memory).cast("B")[start:end:4096])
+    if workload == "regs":
+        return regs_checkpoints(memory)
+    return dirty_counts(memory)
 
 
 async def wait_guest_progress(workload: str, memory: Buffer,
                               status: Callable[[], Awaitable[str]]) -> tuple[bool, str]:
     """Wait until a resumed guest shows it runs.
 
-    For ``ab`` its memory must change; every workload must be ``running``.
+    Every workload must be ``running``; all but ``idle`` must change their memory.
 
     :return: (ok, one-line detail).
     """
     if (state := await status()) != "running":
         return False, f"guest is {state!r}, not running"
-    if workload != "ab":
+    if workload == "idle":
         return True, "guest running"
-    start, end = ab_region(memory)
-    view = memoryview(memory).cast("B")
-    before = bytes(view[start:end:4096])
+    before = _fingerprint(workload, memory)
     deadline = time.monotonic() + PROGRESS_TIMEOUT
     while time.monotonic() < deadline:
         await asyncio.sleep(_POLL)
-        if bytes(view[start:end:4096]) != before:
+        if _fingerprint(workload, memory) != before:
             return True, "guest running, memory changing"
     return False, f"guest memory unchanged for {PROGRESS_TIMEOUT:.0f} s after resume"
 
@@ -90,14 +108,20 @@ async def wait_workload_ready(workload: str, memory: Buffer) -> None:
 
     ``ab`` zeroes its pages first, so its rule holds only once it has
     completed a pass; migrating earlier would compare firmware leftovers.
+    ``regs`` must have written its first checkpoint.
 
     :raises PlatformError: when the guest does not get there in time.
     """
-    if workload != "ab":
+    ready: Callable[[], bool]
+    if workload == "ab":
+        ready = lambda: ab_passes(memory) >= 1  # noqa: E731
+    elif workload == "regs":
+        ready = lambda: regs_checkpoints(memory) >= 1  # noqa: E731
+    else:
         return
     deadline = time.monotonic() + READY_TIMEOUT
-    while ab_passes(memory) < 1:
+    while not ready():
         if time.monotonic() > deadline:
-            raise PlatformError(f"the ab guest did not finish a pass over its memory within "
+            raise PlatformError(f"the {workload} guest did not get going within "
                                 f"{READY_TIMEOUT:.0f} s")
         await asyncio.sleep(_POLL)

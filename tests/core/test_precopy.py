@@ -75,3 +75,33 @@ class TestLimits:
         """Limits are validated when they are made."""
         with pytest.raises(ValueError, match="must be"):
             PrecopyLimits(**limits)
+
+
+class TestAutoConverge:
+    """QEMU's auto-converge: throttle a guest that keeps outrunning the transfer."""
+
+    def fast_dirtier_round(self):
+        # Sent 100 MiB in 1 s and the guest dirtied 100 MiB meanwhile: never fits.
+        return RoundResult(100 * MIB, 1.0, (100 * MIB) // 4096)
+
+    def test_off_by_default(self):
+        """Without auto-converge the guest is never throttled."""
+        p = policy()
+        decisions = [p.round_done(self.fast_dirtier_round()) for _ in range(10)]
+        assert {d.throttle for d in decisions} == {0}
+
+    def test_throttles_after_two_fast_rounds_then_steps_up_to_99(self):
+        """20 % after the second fast round, +10 every second one after, capped at 99 %."""
+        p = policy(auto_converge=True, max_rounds=100)
+        throttles = [p.round_done(self.fast_dirtier_round()).throttle for _ in range(24)]
+        assert throttles[:6] == [0, 20, 20, 30, 30, 40]
+        assert throttles[-1] == 99
+        assert max(throttles) == 99
+
+    def test_a_guest_dirtying_less_than_half_what_was_sent_is_not_throttled(self):
+        """Dirtying slower than half the transfer rate is QEMU's 'fine' case."""
+        p = policy(auto_converge=True, downtime_limit=0.001)
+        for _ in range(5):
+            decision = p.round_done(RoundResult(100 * MIB, 1.0, (40 * MIB) // 4096))
+        assert decision.throttle == 0
+        assert decision.reason is Reason.NOT_CONVERGED

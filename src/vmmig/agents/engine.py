@@ -30,7 +30,8 @@ from vmmig.core.precopy import PrecopyLimits, PrecopyPolicy, Reason, RoundResult
 from vmmig.errors import MigrationFailed
 
 
-__all__ = ["MachineMonitor", "RoundStats", "SourceResult", "run_source", "run_target"]
+__all__ = ["MachineMonitor", "RoundStats", "SourceEngine", "SourceResult", "run_source",
+           "run_target"]
 
 PAGE = 4096
 
@@ -52,6 +53,7 @@ class RoundStats:
     seconds: float
     dirty_pages: int
     reason: Reason
+    throttle: int = 0
 
 
 @attrs.frozen
@@ -95,57 +97,102 @@ def _send_pages(channel: Channel, batcher: PageBatcher, pages: np.ndarray, *,
     return channel.bytes_sent - before
 
 
+class SourceEngine:
+    """The source side, in the steps the migration's phases drive.
+
+    :meth:`precopy` runs rounds until the policy says stop, :meth:`stop_and_copy`
+    pauses the guest and sends what is still dirty, :meth:`finish` sends the
+    vCPU state and waits for the target's acknowledgement.  Between the steps
+    the guest keeps running (after :meth:`precopy`) or stays paused.
+    """
+
+    def __init__(self, monitor: MachineMonitor, channel: Channel, limits: PrecopyLimits, *,
+                 on_round: Callable[[RoundStats], None] = lambda _r: None) -> None:
+        memory = monitor.cmd("x-query-memory")
+        if memory["ram-path"] is None:
+            raise MigrationFailed("the source's RAM is private (encrypted): plain cannot read it")
+        self.monitor = monitor
+        self.channel = channel
+        self.limits = limits
+        self.on_round = on_round
+        size = int(memory["size"])
+        self.total_pages = size // PAGE
+        monitor.cmd("x-dirty-log-start")
+        self._ram = _map(memory["ram-path"], size, writable=False)
+        self._bitmap = _map(memory["dirty-bitmap-path"], (self.total_pages + 7) // 8,
+                            writable=False)
+        self.batcher = PageBatcher(ram_pages(self._ram))
+        self.rounds: list[RoundStats] = []
+        self._dirty = np.arange(self.total_pages, dtype=np.uint64)
+        self._stopped_at = 0.0
+
+    def precopy(self) -> RoundStats:
+        """Send rounds while the guest runs, until the policy stops; returns the last round."""
+        policy = PrecopyPolicy(self.limits)
+        started = time.monotonic()
+        while True:
+            round_start = time.monotonic()
+            sent = _send_pages(self.channel, self.batcher, self._dirty,
+                               bandwidth_cap=self.limits.bandwidth_cap, started=started)
+            pages = len(self._dirty)
+            self._dirty = _sync_dirty(self.monitor, self._bitmap, self.total_pages)
+            seconds = time.monotonic() - round_start
+            decision = policy.round_done(RoundResult(sent, seconds, len(self._dirty)))
+            if decision.throttle != (self.rounds[-1].throttle if self.rounds else 0):
+                self.monitor.cmd("x-cpu-throttle", percentage=decision.throttle)
+            stats = RoundStats(len(self.rounds) + 1, pages, sent, seconds, len(self._dirty),
+                               decision.reason, decision.throttle)
+            self.rounds.append(stats)
+            self.channel.send_json(FrameKind.ROUND_END, {"round": stats.number})
+            self.on_round(stats)
+            if decision.stop_source:
+                return stats
+
+    def stop_and_copy(self) -> int:
+        """Pause the guest and send every page still dirty; returns how many."""
+        self._stopped_at = time.monotonic()
+        self.monitor.cmd("stop")
+        last = _sync_dirty(self.monitor, self._bitmap, self.total_pages)
+        pages = np.union1d(self._dirty, last)
+        # Stop-and-copy runs at full speed: the guest is down.
+        _send_pages(self.channel, self.batcher, pages)
+        return len(pages)
+
+    def finish(self) -> SourceResult:
+        """Send the vCPU state and wait until the target holds the whole guest.
+
+        :raises MigrationFailed: the target aborted or did not acknowledge.
+        """
+        cpu_state = self.monitor.cmd("x-vcpu-state-export")
+        self.channel.send(FrameKind.CPU_STATE, json.dumps(cpu_state).encode())
+        self.channel.send_json(FrameKind.DONE, {})
+        kind, message = self.channel.receive_json()
+        if kind is not FrameKind.DONE:
+            raise MigrationFailed(f"target: {message.get('reason', kind.name)}")
+        return SourceResult(tuple(self.rounds), self.batcher.normal, self.batcher.zero,
+                            self.channel.bytes_sent, time.monotonic() - self._stopped_at,
+                            self.total_pages)
+
+    def close(self) -> None:
+        """Stop dirty logging and the guest's throttle (the mappings go with their last view)."""
+        self.monitor.cmd("x-dirty-log-stop")
+        if self.rounds and self.rounds[-1].throttle:
+            self.monitor.cmd("x-cpu-throttle", percentage=0)
+
+
 def run_source(monitor: MachineMonitor, channel: Channel, limits: PrecopyLimits, *,
                on_round: Callable[[RoundStats], None] = lambda _r: None) -> SourceResult:
     """Migrate the source machine's guest through ``channel``; the guest ends stopped.
 
     :raises MigrationFailed: the target aborted or did not acknowledge.
     """
-    memory = monitor.cmd("x-query-memory")
-    size = int(memory["size"])
-    if memory["ram-path"] is None:
-        raise MigrationFailed("the source's RAM is private (encrypted): plain cannot read it")
-    total_pages = size // PAGE
-    monitor.cmd("x-dirty-log-start")
-    ram = _map(memory["ram-path"], size, writable=False)
-    bitmap = _map(memory["dirty-bitmap-path"], (total_pages + 7) // 8, writable=False)
+    engine = SourceEngine(monitor, channel, limits, on_round=on_round)
     try:
-        batcher = PageBatcher(ram_pages(ram))
-        policy = PrecopyPolicy(limits)
-        rounds: list[RoundStats] = []
-        pages = np.arange(total_pages, dtype=np.uint64)
-        started = time.monotonic()
-        while True:
-            round_start = time.monotonic()
-            sent = _send_pages(channel, batcher, pages, bandwidth_cap=limits.bandwidth_cap,
-                               started=started)
-            dirty = _sync_dirty(monitor, bitmap, total_pages)
-            seconds = time.monotonic() - round_start
-            decision = policy.round_done(RoundResult(sent, seconds, len(dirty)))
-            stats = RoundStats(len(rounds) + 1, len(pages), sent, seconds, len(dirty),
-                               decision.reason)
-            rounds.append(stats)
-            channel.send_json(FrameKind.ROUND_END, {"round": stats.number})
-            on_round(stats)
-            if decision.stop_source:
-                break
-            pages = dirty
-        stopped = time.monotonic()
-        monitor.cmd("stop")
-        last = _sync_dirty(monitor, bitmap, total_pages)
-        # Stop-and-copy runs at full speed: the guest is down.
-        _send_pages(channel, batcher, np.union1d(dirty, last))
-        channel.send(FrameKind.CPU_STATE, json.dumps(monitor.cmd("x-vcpu-state-export")).encode())
-        channel.send_json(FrameKind.DONE, {})
-        kind, message = channel.receive_json()
-        if kind is not FrameKind.DONE:
-            raise MigrationFailed(f"target: {message.get('reason', kind.name)}")
-        downtime = time.monotonic() - stopped
+        engine.precopy()
+        engine.stop_and_copy()
+        return engine.finish()
     finally:
-        # The mappings are unmapped with the last numpy view of them, not here.
-        monitor.cmd("x-dirty-log-stop")
-    return SourceResult(tuple(rounds), batcher.normal, batcher.zero, channel.bytes_sent,
-                        downtime, total_pages)
+        engine.close()
 
 
 def _receive_frame(monitor: MachineMonitor, channel: Channel, receiver: PageReceiver,

@@ -7,6 +7,11 @@ at the bandwidth measured so far, ``remaining <= bandwidth * downtime``;
 otherwise run another round, up to a round cap, after which the source is
 stopped anyway.  Round 1 sends every populated page; later rounds send the
 pages dirtied during the previous one.
+
+With auto-converge the policy also throttles the guest as QEMU does
+(``mig_throttle_guest_down``): when a round dirtied more than half of what
+it sent, for the second time, the vCPUs are slowed to 20 %, then 10 points
+more each time it happens again, up to 99 %.
 """
 
 from __future__ import annotations
@@ -16,7 +21,14 @@ import enum
 import attrs
 
 
-__all__ = ["Decision", "PrecopyLimits", "PrecopyPolicy", "Reason", "RoundResult", "pacing_delay"]
+__all__ = ["THROTTLE_MAX", "Decision", "PrecopyLimits", "PrecopyPolicy", "Reason", "RoundResult",
+           "pacing_delay"]
+
+
+#: QEMU's defaults: cpu-throttle-initial, cpu-throttle-increment, max-cpu-throttle.
+THROTTLE_INITIAL, THROTTLE_INCREMENT, THROTTLE_MAX = 20, 10, 99
+#: How many fast-dirtying rounds trigger one throttle step (QEMU's dirty_rate_high_cnt).
+THROTTLE_AFTER = 2
 
 
 def _positive(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
@@ -31,11 +43,13 @@ class PrecopyLimits:
     :ivar downtime_limit: seconds the guest may be stopped.
     :ivar max_rounds: stop the source after this many rounds even if not converged.
     :ivar bandwidth_cap: bytes per second at most; 0 for none.
+    :ivar auto_converge: throttle the guest when it dirties memory too fast.
     """
 
     downtime_limit: float = attrs.field(validator=_positive)
     max_rounds: int = attrs.field(default=30, validator=attrs.validators.ge(1))
     bandwidth_cap: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
+    auto_converge: bool = False
 
 
 @attrs.frozen
@@ -71,12 +85,14 @@ class Decision:
     :ivar reason: why.
     :ivar bandwidth: the bandwidth estimate used, bytes per second.
     :ivar expected_downtime: seconds the remaining pages would take at that bandwidth.
+    :ivar throttle: percent of the time the guest's vCPUs must sleep from now on.
     """
 
     stop_source: bool
     reason: Reason
     bandwidth: float
     expected_downtime: float
+    throttle: int = 0
 
 
 @attrs.define
@@ -90,8 +106,10 @@ class PrecopyPolicy:
     limits: PrecopyLimits
     page_size: int = 4096
     rounds: int = 0
+    throttle: int = 0
     _sent: int = 0
     _seconds: float = 0.0
+    _dirty_rate_high: int = 0
 
     def round_done(self, result: RoundResult) -> Decision:
         """Record a finished round and decide what comes next."""
@@ -110,7 +128,19 @@ class PrecopyPolicy:
             reason = Reason.ROUND_CAP
         else:
             reason = Reason.NOT_CONVERGED
-        return Decision(reason is not Reason.NOT_CONVERGED, reason, bandwidth, expected)
+            self._throttle_down(remaining, result.sent_bytes)
+        return Decision(reason is not Reason.NOT_CONVERGED, reason, bandwidth, expected,
+                        self.throttle)
+
+    def _throttle_down(self, dirtied: int, sent: int) -> None:
+        """QEMU's auto-converge: slow the guest once it outruns the transfer twice."""
+        if not self.limits.auto_converge or dirtied * 2 <= sent:
+            return
+        self._dirty_rate_high += 1
+        if self._dirty_rate_high >= THROTTLE_AFTER:
+            self._dirty_rate_high = 0
+            self.throttle = (THROTTLE_INITIAL if not self.throttle
+                             else min(self.throttle + THROTTLE_INCREMENT, THROTTLE_MAX))
 
     @property
     def bandwidth(self) -> float:

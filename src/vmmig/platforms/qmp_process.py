@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import mmap
 import os
 import signal
 import socket
@@ -36,7 +37,8 @@ from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 from vmmig.errors import HostRequirementError, PlatformError
 
 
-__all__ = ["QmpProcess", "default_workdir", "describe_exit", "machine_file"]
+__all__ = ["QmpProcess", "default_workdir", "describe_exit", "die_with_parent_preexec",
+           "machine_file", "map_ram_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,18 @@ def machine_file(workdir: Path, name: str, suffix: str) -> Path:
     return workdir / f"{name}{suffix}"
 
 
+def map_ram_file(name: str, path: Path, size: int) -> mmap.mmap:
+    """Map a machine's RAM file read-only, to compare or check memory.
+
+    :raise PlatformError: the file is gone (the machine was shut down).
+    """
+    try:
+        with path.open("rb") as ram:
+            return mmap.mmap(ram.fileno(), size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    except OSError as err:
+        raise PlatformError(f"{name}: cannot map guest RAM: {err}") from err
+
+
 def describe_exit(returncode: int) -> str:
     """``status 1`` or ``killed by SIGKILL``, for a Popen return code."""
     if returncode >= 0:
@@ -84,7 +98,7 @@ def describe_exit(returncode: int) -> str:
         return f"killed by signal {-returncode}"
 
 
-def _die_with_parent() -> Callable[[], None] | None:
+def die_with_parent_preexec() -> Callable[[], None] | None:
     """Return a ``preexec_fn`` that makes the child die with this process, if it can.
 
     ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child exits,
@@ -154,7 +168,7 @@ class QmpProcess:
                     argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True,
                     # Thread-safe enough: the child makes two system calls, no allocation.
-                    preexec_fn=_die_with_parent() if die_with_parent else None,  # noqa: PLW1509
+                    preexec_fn=die_with_parent_preexec() if die_with_parent else None,  # noqa: PLW1509
                 )
         except OSError as err:
             raise PlatformError(f"{name}: cannot start {argv[0]}: {err}") from err

@@ -73,8 +73,8 @@ from vmmig.errors import PlatformError
 from vmmig.platforms.emu.vmsa import XMM_COUNT, Segment, Vmsa
 
 
-__all__ = ["IDLE_PORT", "MAX_IDLE_US", "SLICE", "PortWriteHandler", "Vcpu", "VcpuState",
-           "tsc_hz"]
+__all__ = ["IDLE_PORT", "MAX_IDLE_US", "MAX_THROTTLE", "SLICE", "PortWriteHandler", "Vcpu",
+           "VcpuState", "tsc_hz"]
 
 #: ``on_port_write(port, size, value)``: a guest ``out`` of ``size`` bytes.
 PortWriteHandler = Callable[[int, int, int], None]
@@ -85,6 +85,8 @@ IDLE_PORT: Final = 0xE0
 MAX_IDLE_US: Final = 10_000
 #: Instructions per ``emu_start``: 1-5 ms of guest time, the pause latency.
 SLICE: Final = 100_000
+#: The deepest throttle, as QEMU's ``max-cpu-throttle`` default.
+MAX_THROTTLE: Final = 99
 
 PAGE_SIZE: Final = 4096
 _HLT = 0xF4
@@ -198,6 +200,7 @@ class Vcpu:
         self._fault: str | None = None
         # What Unicorn cannot hold (hidden segment parts) comes from the last VMSA loaded.
         self._loaded = Vmsa()
+        self._throttle = 0
         self._vmsa = self._read_registers()
 
     def __enter__(self) -> Vcpu:
@@ -310,6 +313,17 @@ class Vcpu:
             self._state = VcpuState.RUNNING
             self._cond.notify_all()
 
+    @property
+    def throttle(self) -> int:
+        """Percent of the time the vCPU sleeps instead of running (QEMU's CPU throttle)."""
+        return self._throttle
+
+    @throttle.setter
+    def throttle(self, percent: int) -> None:
+        if not 0 <= percent <= MAX_THROTTLE:
+            raise ValueError(f"throttle must be 0-{MAX_THROTTLE} %, not {percent}")
+        self._throttle = percent
+
     def wait(self, timeout: float) -> VcpuState:
         """Wait until the vCPU is no longer running (paused, halted, crashed or stopped).
 
@@ -381,6 +395,7 @@ class Vcpu:
         """
         while True:
             self._fault = None
+            started = time.monotonic()
             try:
                 self._uc.emu_start(self._reg(x86.UC_X86_REG_RIP), _NEVER, count=SLICE)
             except UcError as err:
@@ -396,6 +411,10 @@ class Vcpu:
             # Read without the lock: a request that lands just after is seen a slice later.
             if self._pause_requested or self._stop_requested:
                 return None
+            if throttle := self._throttle:
+                # Sleep so that running takes (100 - throttle) % of the time, as
+                # QEMU's throttle does; a pause request cuts the sleep short.
+                self._wake.wait((time.monotonic() - started) * throttle / (100 - throttle))
 
     def _follows_hlt(self, rip: int) -> bool:
         """Whether the byte before ``rip`` is a HLT opcode."""

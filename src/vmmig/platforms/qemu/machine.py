@@ -28,7 +28,7 @@ import attrs
 
 from vmmig.errors import PlatformError
 from vmmig.platforms.qemu.host import Accel, QemuBinary
-from vmmig.platforms.qmp_process import QmpProcess, machine_file
+from vmmig.platforms.qmp_process import QmpProcess, machine_file, map_ram_file
 
 
 __all__ = ["QemuMachine", "QemuMachineSpec", "qemu_argv"]
@@ -185,12 +185,7 @@ class QemuMachine(QmpProcess):
             order as QEMU lays it out in its RAM block.
         :raise PlatformError: the RAM file is gone (the machine was shut down).
         """
-        try:
-            with self.ram_path.open("rb") as ram:
-                return mmap.mmap(ram.fileno(), self._spec.memory_mib * MiB,
-                                 flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        except OSError as err:
-            raise PlatformError(f"{self.name}: cannot map guest RAM: {err}") from err
+        return map_ram_file(self.name, self.ram_path, self._spec.memory_mib * MiB)
 
     async def _connected(self) -> None:
         # QEMU answers qmp_capabilities from its main loop, which starts only

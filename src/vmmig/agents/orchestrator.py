@@ -1,0 +1,156 @@
+"""The orchestrator's side of an agent-driven migration on the emulated platform.
+
+Technologies whose data path is the precopy engine in agent processes
+(``plain`` on ``emu``, and the confidential ones, which change only the
+page path) share these steps: start the target machine and its agent, run
+the source agent's rounds while relaying them to the observers, stop the
+source, move the vCPU state, and on failure end the agents and the target
+and resume the source.  What each agent is doing is in ``migration.scratch``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from vmmig.agents.process import AgentProcess
+from vmmig.errors import MigrationFailed, PlatformError
+from vmmig.migration import Migration
+from vmmig.report import Progress, RamStats, RoundReport
+
+
+if TYPE_CHECKING:
+    from vmmig.platforms.emu.machine_process import EmuMachine
+    from vmmig.platforms.emu.platform import EmuPlatform
+
+
+__all__ = ["prepare_target", "rollback", "stop_source", "transfer_cpu_state",
+           "transfer_memory"]
+
+PAGE = 4096
+#: Bound on steps that involve no bulk transfer (an agent starting, a state exchange).
+STEP_TIMEOUT = 60.0
+
+
+def _platform(migration: Migration) -> EmuPlatform:
+    return migration.platform  # type: ignore[no-any-return]
+
+
+def _agent(migration: Migration, role: str) -> AgentProcess:
+    agent = migration.scratch.get(f"{role}-agent")
+    if not isinstance(agent, AgentProcess):
+        raise MigrationFailed(f"no {role} agent is running")
+    return agent
+
+
+async def prepare_target(migration: Migration) -> None:
+    """Start the incoming target machine and its agent, listening for the source."""
+    platform = _platform(migration)
+    migration.target = await platform.launch_target()
+    agent = await platform.start_agent("target", migration.target,
+                                       platform.incoming_address())
+    migration.scratch["target-agent"] = agent
+    listening = await agent.expect("listening", STEP_TIMEOUT)
+    migration.scratch["address"] = migration.plan.migrate_uri or listening["address"]
+
+
+def _source_options(migration: Migration) -> list[str]:
+    plan = migration.plan
+    return ["--downtime-limit", str(plan.downtime_limit), "--bandwidth", str(plan.bandwidth),
+            "--auto-converge" if plan.auto_converge else "--no-auto-converge"]
+
+
+class _Rounds:
+    """Turns the source agent's round events into the report's statistics."""
+
+    def __init__(self, migration: Migration) -> None:
+        self.migration = migration
+        self.transferred = 0
+        self.seconds = 0.0
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("event") != "round":
+            return
+        migration = self.migration
+        self.transferred += int(event["sent-bytes"])
+        self.seconds += float(event["seconds"])
+        seconds = max(float(event["seconds"]), 1e-9)
+        remaining = int(event["dirty-pages"]) * PAGE
+        rate = int(int(event["dirty-pages"]) / seconds)
+        number = int(event["number"])
+        migration.ram = RamStats(
+            transferred=self.transferred, total=migration.plan.memory, remaining=remaining,
+            normal=int(event["normal"]), duplicate=int(event["zero"]),
+            normal_bytes=int(event["normal"]) * PAGE, dirty_pages_rate=rate,
+            mbps=self.transferred * 8 / max(self.seconds, 1e-9) / 1e6, dirty_sync_count=number)
+        migration.round_done(RoundReport(number, self.transferred, remaining, rate))
+        migration.progress(Progress(self.transferred, remaining, migration.plan.memory,
+                                    migration.ram.mbps, number))
+
+
+async def transfer_memory(migration: Migration, options: Sequence[str] = ()) -> None:
+    """Start the source agent and relay its rounds until it converges (or hits the cap).
+
+    :param options: more source agent options (a technology's page path).
+    """
+    platform = _platform(migration)
+    started = time.monotonic()
+    agent = await platform.start_agent("source", migration.source, migration.scratch["address"],
+                                       [*_source_options(migration), *options])
+    migration.scratch["source-agent"] = agent
+    rounds = _Rounds(migration)
+    await agent.expect("connected", STEP_TIMEOUT)
+    migration.setup_ms = int((time.monotonic() - started) * 1000)
+    converged = await agent.expect("converged", on_event=rounds)
+    migration.scratch["rounds"] = rounds
+    migration.log.info("precopy ended: %s", converged["reason"])
+
+
+async def stop_source(migration: Migration) -> None:
+    """Pause the source guest and send what is still dirty."""
+    agent = _agent(migration, "source")
+    migration.scratch["stopping"] = True
+    await agent.command("stop")
+    await agent.expect("stopped", STEP_TIMEOUT)
+
+
+async def transfer_cpu_state(migration: Migration) -> None:
+    """Send the vCPU state; done when both agents say the target holds the whole guest."""
+    source, target = _agent(migration, "source"), _agent(migration, "target")
+    await source.command("finish")
+    done = await source.expect("done", STEP_TIMEOUT)
+    await target.expect("received", STEP_TIMEOUT)
+    rounds: _Rounds = migration.scratch["rounds"]
+    migration.downtime_ms = int(float(done["downtime"]) * 1000)
+    migration.ram = RamStats(
+        transferred=int(done["sent-bytes"]), total=migration.plan.memory, remaining=0,
+        normal=int(done["normal"]), duplicate=int(done["zero"]),
+        normal_bytes=int(done["normal"]) * PAGE,
+        dirty_pages_rate=migration.ram.dirty_pages_rate,
+        mbps=int(done["sent-bytes"]) * 8 / max(rounds.seconds, 1e-9) / 1e6,
+        dirty_sync_count=migration.ram.dirty_sync_count)
+    for role in ("source", "target"):
+        await _agent(migration, role).close()
+
+
+async def rollback(migration: Migration, reason: str) -> None:
+    """End the agents and the target; make sure the source guest runs, unthrottled."""
+    migration.log.info("rolling back: %s", reason)
+    for role in ("source", "target"):
+        agent = migration.scratch.pop(f"{role}-agent", None)
+        if isinstance(agent, AgentProcess):
+            await agent.close()
+    if migration.target is not None:
+        await migration.target.shutdown()
+    source: EmuMachine = migration.source
+    if source.exited:
+        raise MigrationFailed(f"the source machine is gone ({source.returncode}); "
+                              "nothing to resume")
+    # The agent may have died before cleaning up after itself.
+    with contextlib.suppress(PlatformError):
+        await source.execute("x-dirty-log-stop")
+    await source.execute("x-cpu-throttle", {"percentage": 0})
+    if await source.status() != "running":
+        await source.cont()
