@@ -69,6 +69,16 @@ def _parser() -> argparse.ArgumentParser:
                        "(default: the QMP socket's directory)")
     start.add_argument("--incoming", action="store_true", help="start as a migration target")
     start.add_argument("-S", dest="paused", action="store_true", help="do not start the vCPUs")
+    sev = start.add_argument_group("SEV and SEV-ES launch (QEMU's sev-guest object)")
+    sev.add_argument("--policy", metavar="WORD",
+                     help="guest policy, e.g. 0x1 (default: 0x1 NODBG for sev, 0x5 for sev-es)")
+    sev.add_argument("--dh-cert-file", metavar="FILE",
+                     help="the owner's DH certificate (PDH format), base64")
+    sev.add_argument("--session-file", metavar="FILE", help="the owner's launch session, base64")
+    sev.add_argument("--host-dir", metavar="DIR",
+                     help="the emulated host's PSP state, shared by its machines")
+    sev.add_argument("--amd-root", metavar="DIR",
+                     help="the emulated AMD root, shared by the hosts (default: --host-dir)")
     return parser
 
 
@@ -131,6 +141,7 @@ def _run(plan: MigrationPlan, host: PluginHost) -> int:
 def _emu_start(args: argparse.Namespace) -> int:
     from vmmig.platforms.emu.machine import MachineConfig  # noqa: PLC0415 (Unicorn is heavy)
     from vmmig.platforms.emu.process import serve  # noqa: PLC0415
+    from vmmig.platforms.emu.sev_launch import SevConfig  # noqa: PLC0415
 
     qmp = Path(args.qmp)
     # Parsed and checked as the plan's fields are, with the same one-line errors.
@@ -144,6 +155,10 @@ def _emu_start(args: argparse.Namespace) -> int:
         incoming=args.incoming,
         run_dir=Path(args.run_dir) if args.run_dir else qmp.parent,
         qmp=qmp,
+        sev=SevConfig.from_options(args.tech, policy=args.policy,
+                                   dh_cert_file=args.dh_cert_file,
+                                   session_file=args.session_file, host_dir=args.host_dir,
+                                   amd_root=args.amd_root),
     )
     asyncio.run(serve(config, paused=args.paused))
     return EXIT_OK

@@ -16,6 +16,8 @@ Modules (each one job):
 - ``vcpu``       Unicorn vCPU threads
 - ``qmp_schema`` the QMP command table and argument checking
 - ``qmp_server`` the machine's QMP endpoint
+- ``sev_launch`` an SEV/SEV-ES machine's launch through the PSP (QEMU's sev-guest)
+- ``sev_qmp``    QEMU's SEV QMP commands (query-sev, sev-inject-launch-secret, ...)
 - ``machine``    one VM: RAM, vCPUs, dirty log, behind QMP commands
 - ``process``    ``vmmig emu start``: a machine process serving QMP
 """

@@ -16,14 +16,29 @@ QEMU, only through its QMP socket.  QEMU's command names where QEMU has one
 ``x-vcpu-state-export`` / ``x-vcpu-state-import``
     Every vCPU's VMSA page (base64), for technologies whose registers the
     hypervisor may read and set (plain, SEV).  Refused for SEV-ES.
+``x-memory-read`` / ``x-memory-write``
+    Guest memory as the hypervisor reads and writes it (``gpa``, ``size`` or
+    base64 ``data``; at most :data:`MAX_HOST_ACCESS` bytes a call): plaintext
+    of a plain VM; of an SEV VM's private RAM, ciphertext read, and written
+    bytes taken for ciphertext, so the guest finds garbage there.  Tests use
+    them to show the hardware's rules through QMP.
 
-Status follows QEMU's run states: ``running``, ``paused``, ``inmigrate``
-(started with ``--incoming``: vCPUs wait for their state), ``postmigrate``.
+SEV and SEV-ES machines (``--tech sev|sev-es``) launch through their host's
+emulated PSP as QEMU's ``sev-guest`` object does (:mod:`.sev_launch`), and
+serve QEMU's ``query-sev``, ``query-sev-capabilities``,
+``query-sev-launch-measure`` and ``sev-inject-launch-secret``
+(:mod:`.sev_qmp`, which a plain machine answers with QEMU's errors).
+
+Status follows QEMU's run states: ``running``, ``paused``, ``prelaunch`` (an
+SEV machine started with ``-S``: launched and measured, waiting for its
+owner's secret and ``cont``), ``inmigrate`` (started with ``--incoming``:
+vCPUs wait for their state), ``postmigrate``.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import mmap
 import re
 from collections.abc import Callable, Mapping
@@ -39,12 +54,16 @@ from vmmig.guests.emu import AbParams, DirtyParams, EntryState, RegsParams, load
 from vmmig.platforms.emu.console import SerialConsole
 from vmmig.platforms.emu.dirtylog import DirtyLog, open_dirty_log
 from vmmig.platforms.emu.memory import GuestMemory
+from vmmig.platforms.emu.psp import PspError
 from vmmig.platforms.emu.qmp_schema import CommandTable, QmpCommandError
+from vmmig.platforms.emu.sev_launch import SevConfig, SevGuest, check_sev_config, launch_chunks
+from vmmig.platforms.emu.sev_qmp import SevCommands
 from vmmig.platforms.emu.vcpu import Vcpu, VcpuState
 from vmmig.platforms.emu.vmsa import Vmsa
 
 
-__all__ = ["EMU_WORKLOADS", "Machine", "MachineConfig"]
+__all__ = ["EMU_WORKLOADS", "MAX_HOST_ACCESS", "Machine", "MachineConfig", "launch_chunks_for",
+           "load_workload"]
 
 PAGE: Final = 4096
 #: Workloads an emulated guest runs: ``dirty:RATE`` dirties RATE bytes per second.
@@ -52,6 +71,8 @@ EMU_WORKLOADS: Final = ("ab", "idle", "regs", "dirty:RATE")
 _HLT: Final = b"\xf4"
 #: How long a pause may take: a vCPU stops at the next instruction boundary.
 PAUSE_TIMEOUT: Final = 5.0
+#: The most bytes one ``x-memory-read`` or ``x-memory-write`` moves (a QMP reply stays small).
+MAX_HOST_ACCESS: Final = 1 << 20
 
 
 @attrs.frozen
@@ -66,6 +87,7 @@ class MachineConfig:
     :ivar incoming: start as a migration target: no program, vCPUs wait for their state.
     :ivar run_dir: where the RAM file and dirty bitmap live.
     :ivar qmp: the QMP socket to create; ``<run_dir>/<name>.qmp`` by default.
+    :ivar sev: the launch inputs of an ``sev`` or ``sev-es`` machine.
     """
 
     name: str = attrs.field(validator=attrs.validators.matches_re(r"[A-Za-z0-9][A-Za-z0-9_.-]*"))
@@ -76,11 +98,41 @@ class MachineConfig:
     incoming: bool = False
     run_dir: Path = Path()
     qmp: Path | None = None
+    sev: SevConfig | None = None
 
     @property
     def qmp_path(self) -> Path:
         """The QMP socket: ``qmp``, or ``<run_dir>/<name>.qmp`` by default."""
         return self.qmp if self.qmp is not None else self.run_dir / f"{self.name}.qmp"
+
+
+def load_workload(ram: mmap.mmap, workload: str) -> EntryState:
+    """Load the program that runs ``workload`` into guest RAM, as firmware would.
+
+    :raises ConfigError: for an unknown workload.
+    """
+    program, params = program_for(workload)
+    if program == "idle":
+        return load_image(ram, _HLT)
+    return load_program(ram, program, params=params)  # type: ignore[arg-type]
+
+
+def _initial_vmsas(entry: EntryState, vcpus: int) -> list[Vmsa]:
+    """Every vCPU's launch registers: the entry state for vCPU 0, reset state for the rest."""
+    return [entry.vmsa] + [Vmsa()] * (vcpus - 1)
+
+
+def launch_chunks_for(config: MachineConfig) -> list[bytes]:
+    """What an SEV machine started with ``config`` measures: the guest owner's expectation.
+
+    The owner loads the same workload into a scratch RAM of the same size,
+    as a real owner hashes the firmware build it handed to the host; feed
+    the result to :func:`~vmmig.platforms.emu.psp.launch_digest`.
+    """
+    with mmap.mmap(-1, config.memory) as scratch:
+        entry = load_workload(scratch, config.workload)
+        return launch_chunks(scratch, _initial_vmsas(entry, config.vcpus),
+                             es=config.tech == "sev-es")
 
 
 def program_for(workload: str) -> tuple[str, AbParams | DirtyParams | RegsParams | None]:
@@ -108,10 +160,15 @@ class Machine:
     """One emulated VM; its QMP commands are in :attr:`commands`."""
 
     def __init__(self, config: MachineConfig) -> None:
-        if config.tech != "plain":
-            raise ConfigError("tech", f"{config.tech!r} machines are not implemented yet")
+        check_sev_config(config.tech, config.sev)
+        if config.sev is not None and config.incoming:
+            raise ConfigError("incoming", f"an {config.tech} migration target is launched and "
+                              "attested like any SEV guest; not supported yet")
         self.config = config
-        self.memory = GuestMemory(config.memory, path=config.run_dir / f"{config.name}.ram")
+        if config.sev is None:
+            self.memory = GuestMemory(config.memory, path=config.run_dir / f"{config.name}.ram")
+        else:
+            self.memory = GuestMemory(config.memory, private=True)
         #: What the guest printed on COM1 (its progress marks).
         self.console = SerialConsole()
         self.vcpus = [Vcpu(i, self.memory.ram, on_port_write=self.console.write)
@@ -122,9 +179,14 @@ class Machine:
         self._dirty_log: DirtyLog | None = None
         self._bitmap_path = config.run_dir / f"{config.name}.dirty"
         self._bitmap: mmap.mmap | None = None
+        #: The SEV guest context (PSP, handle, measurement); None for plain.
+        self.sev: SevGuest | None = None
         if not config.incoming:
-            entry = self._load_workload()
-            self.vcpus[0].load_vmsa(entry.vmsa)
+            try:
+                self._boot(config)
+            except BaseException:
+                self.close()
+                raise
         self.commands = CommandTable()
         for name, handler in (
             ("query-status", self.query_status), ("stop", self.stop), ("cont", self.cont),
@@ -135,12 +197,19 @@ class Machine:
             ("x-vcpu-state-import", self.vcpu_state_import),
         ):
             self.commands.add(name, handler)
+        self.commands.add("x-memory-read", self.memory_read)
+        self.commands.add("x-memory-write", self.memory_write)
+        SevCommands(self.sev).register(self.commands)
 
-    def _load_workload(self) -> EntryState:
-        program, params = program_for(self.config.workload)
-        if program == "idle":
-            return load_image(self.memory.ram, _HLT)
-        return load_program(self.memory.ram, program, params=params)  # type: ignore[arg-type]
+    def _boot(self, config: MachineConfig) -> None:
+        """Load the workload and, for SEV, launch it through the PSP (``prelaunch``)."""
+        entry = load_workload(self.memory.ram, config.workload)
+        if config.sev is None or not config.sev.policy.es:
+            self.vcpus[0].load_vmsa(entry.vmsa)
+        if config.sev is not None:
+            self.sev = SevGuest.launch(config.sev, self.memory, self.vcpus,
+                                       _initial_vmsas(entry, config.vcpus))
+            self.status = "prelaunch"
 
     # -- run state ---------------------------------------------------------------
 
@@ -176,6 +245,12 @@ class Machine:
         if vcpu.state is VcpuState.PAUSED:
             if vcpu.vmsa.rip == 0:
                 raise QmpCommandError("GenericError", "vCPU 0 has no state to run")
+            if self.sev is not None:
+                # QEMU's sev_vm_state_change: the first run finishes the launch.
+                try:
+                    self.sev.finish()
+                except PspError as err:
+                    raise QmpCommandError("GenericError", f"SEV: {err}") from None
             if vcpu.thread_started:
                 vcpu.resume()
             else:
@@ -229,11 +304,13 @@ class Machine:
 
     def vcpu_state_export(self) -> list[str]:
         """Every vCPU's VMSA page, base64; the guest must be stopped."""
+        self._require_register_access("export vCPU state")
         self._require_stopped("export vCPU state")
         return [base64.b64encode(vcpu.save_vmsa().pack()).decode() for vcpu in self.vcpus]
 
     def vcpu_state_import(self, vmsas: list[str]) -> None:
         """Load every vCPU's VMSA page (base64) into a stopped target."""
+        self._require_register_access("import vCPU state")
         self._require_stopped("import vCPU state")
         if len(vmsas) != len(self.vcpus):
             raise QmpCommandError("GenericError", f"{len(vmsas)} vCPU states for "
@@ -245,10 +322,48 @@ class Machine:
         if self.status == "running":
             raise QmpCommandError("GenericError", f"cannot {action} of a running guest")
 
+    def _require_register_access(self, action: str) -> None:
+        """SEV-ES keeps registers in the encrypted VMSA: the hypervisor cannot get or set them."""
+        if self.sev is not None and self.sev.es:
+            raise QmpCommandError("GenericError", f"cannot {action}: an SEV-ES guest's "
+                                  "registers are in its encrypted VMSA, out of the "
+                                  "hypervisor's reach")
+
+    # -- the hypervisor's view of guest memory ----------------------------------------
+
+    def memory_read(self, gpa: int, size: int) -> dict[str, object]:
+        """``size`` bytes at ``gpa`` as the hypervisor reads them, base64."""
+        self._check_host_access(size)
+        try:
+            data = self.memory.host_read(gpa, size)
+        except ValueError as err:
+            raise QmpCommandError("GenericError", str(err)) from None
+        return {"data": base64.b64encode(data).decode("ascii")}
+
+    def memory_write(self, gpa: int, data: str) -> None:
+        """Write base64 ``data`` at ``gpa`` as the hypervisor does."""
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except binascii.Error:
+            raise QmpCommandError("GenericError", "Parameter 'data' is not base64") from None
+        self._check_host_access(len(raw))
+        try:
+            self.memory.host_write(gpa, raw)
+        except ValueError as err:
+            raise QmpCommandError("GenericError", str(err)) from None
+
+    @staticmethod
+    def _check_host_access(size: int) -> None:
+        if not 0 < size <= MAX_HOST_ACCESS:
+            raise QmpCommandError("GenericError", f"{size} bytes: one access moves 1 to "
+                                  f"{MAX_HOST_ACCESS} bytes")
+
     def close(self) -> None:
         """Stop every vCPU and release the RAM."""
         for vcpu in self.vcpus:
             vcpu.stop(PAUSE_TIMEOUT)
         self.dirty_log_stop()
         self._bitmap_path.unlink(missing_ok=True)
+        if self.sev is not None:
+            self.sev.close()
         self.memory.close()

@@ -1,0 +1,395 @@
+"""SEV and SEV-ES machines: launch, attestation and secret, and the hardware's rules on memory.
+
+Two kinds of test: machines built in this process, where the guest's own view
+of its RAM (``machine.memory.ram``, what the memory controller decrypts for
+the vCPUs) can be checked; and ``vmmig emu start`` processes driven over QMP
+by the guest owner, who sees only what the hypervisor sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from psp_support import amd_root, make_psp, owner_session
+from qemu.qmp import ExecuteError, QMPClient
+
+from vmmig.cli import main
+from vmmig.errors import ConfigError
+from vmmig.guests.ab_check import AB_START, INFO_ADDR, ab_passes, check_ab
+from vmmig.guests.emu import PROGRAM_GPA, build_program
+from vmmig.platforms.emu.machine import Machine, MachineConfig, launch_chunks_for
+from vmmig.platforms.emu.psp import (
+    Measurement,
+    PlatformChain,
+    Policy,
+    build_secret_packet,
+    expected_measurement,
+    launch_digest,
+    verify_chain,
+)
+from vmmig.platforms.emu.qmp_schema import QmpCommandError
+from vmmig.platforms.emu.sev_launch import SECRET_AREA, SevConfig
+
+
+MIB = 1 << 20
+MEMORY = 16 * MIB
+SECRET = b"owner's migration master secret, 64 bytes long, 0123456789abcdef"
+CANARY = b"hypervisor-canary-written-in-the-clear!!"
+POLICIES = {"sev": Policy(nodbg=True), "sev-es": Policy(nodbg=True, es=True)}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    """One emulated host's PSP state directory (endorsed by the tests' AMD root) and its PSP."""
+    hosts = tmp_path_factory.mktemp("sev-hosts")
+    return hosts / "host-a", make_psp(hosts, "host-a")
+
+
+class Owner:
+    """The guest owner of one launch: the session it made for the host, its checks, its secret."""
+
+    def __init__(self, psp, tech: str, policy: Policy | None = None) -> None:
+        self.psp = psp
+        self.tech = tech
+        self.policy = POLICIES[tech] if policy is None else policy
+        self.session = owner_session(psp, self.policy)
+
+    def config(self, host_dir: Path, run_dir: Path, **kwargs) -> MachineConfig:
+        sev = SevConfig(self.policy, self.session.dh_cert, self.session.session, host_dir)
+        return MachineConfig(**{"name": "vm", "memory": MEMORY, "vcpus": 2, "tech": self.tech,
+                                "run_dir": run_dir, "sev": sev, **kwargs})
+
+    def options(self, where: Path) -> list[str]:
+        """``vmmig emu start`` options carrying this launch's inputs, as base64 files."""
+        (where / "dh.b64").write_text(_b64(self.session.dh_cert))
+        (where / "session.b64").write_text(_b64(self.session.session))
+        return ["--tech", self.tech, "--policy", hex(self.policy.value),
+                "--dh-cert-file", str(where / "dh.b64"),
+                "--session-file", str(where / "session.b64")]
+
+    def measurement_ok(self, blob: bytes, launched: MachineConfig) -> bool:
+        """Whether the reported blob is a genuine PSP's measurement of ``launched``."""
+        measurement = Measurement.from_bytes(blob)
+        expected = expected_measurement(
+            tik=self.session.tik, firmware=self.psp.firmware, policy=self.policy,
+            launch_digest=launch_digest(launch_chunks_for(launched)),
+            mnonce=measurement.mnonce)
+        return hmac.compare_digest(expected, measurement.measure)
+
+    def secret_args(self, blob: bytes, secret: bytes = SECRET) -> dict[str, str]:
+        """``sev-inject-launch-secret`` arguments carrying ``secret`` into the measured VM."""
+        header, ciphertext = build_secret_packet(self.session.tek, self.session.tik,
+                                                 Measurement.from_bytes(blob), secret)
+        return {"packet-header": _b64(header), "secret": _b64(ciphertext)}
+
+
+def qmp(machine: Machine, name: str, **arguments):
+    """Run a machine's QMP command in this process, arguments checked as the server does."""
+    command = machine.commands.get(name)
+    assert command is not None, name
+    return command.handler(**command.bind({k.replace("_", "-"): v for k, v in arguments.items()}))
+
+
+@pytest.fixture
+def machines(tmp_path, host):
+    """Builds in-process machines: ``make(tech)`` -> (machine, owner); closes them after."""
+    host_dir, psp = host
+    made = []
+
+    def make(tech: str, **kwargs):
+        owner = Owner(psp, tech) if tech != "plain" else None
+        config = (owner.config(host_dir, tmp_path, **kwargs) if owner is not None
+                  else MachineConfig(name="vm", memory=MEMORY, run_dir=tmp_path, **kwargs))
+        machine = Machine(config)
+        made.append(machine)
+        return machine, owner
+
+    yield make
+    for machine in made:
+        machine.close()
+
+
+class TestLaunch:
+    @pytest.mark.parametrize("tech", ["sev", "sev-es"])
+    def test_the_measurement_covers_image_and_policy(self, machines, host, tech):
+        """The owner's expected measurement matches; for another workload it does not."""
+        machine, owner = machines(tech)
+        blob = base64.b64decode(qmp(machine, "query-sev-launch-measure")["data"])
+        assert owner.measurement_ok(blob, machine.config)
+        other = MachineConfig(name="vm", memory=MEMORY, vcpus=2, tech=tech, workload="idle")
+        assert not owner.measurement_ok(blob, other)
+
+    def test_sev_es_measures_every_vcpus_vmsa(self, machines):
+        """An SEV-ES launch measures the VMSAs: the digest of the image alone does not match."""
+        machine, owner = machines("sev-es")
+        measurement = machine.sev.measurement
+        image_only = launch_chunks_for(machine.config)[:1]
+        assert measurement.measure != expected_measurement(
+            tik=owner.session.tik, firmware=owner.psp.firmware, policy=owner.policy,
+            launch_digest=launch_digest(image_only), mnonce=measurement.mnonce)
+
+    def test_the_secret_lands_in_guest_memory_as_ciphertext_to_the_host(self, machines):
+        """The guest reads the secret at the secret area; the hypervisor reads ciphertext."""
+        machine, owner = machines("sev")
+        blob = base64.b64decode(qmp(machine, "query-sev-launch-measure")["data"])
+        qmp(machine, "sev-inject-launch-secret", **owner.secret_args(blob))
+        gpa = SECRET_AREA[0]
+        assert machine.memory.ram[gpa:gpa + len(SECRET)] == SECRET
+        seen = base64.b64decode(qmp(machine, "x-memory-read", gpa=gpa, size=len(SECRET))["data"])
+        assert len(seen) == len(SECRET)
+        assert seen != SECRET
+        assert SECRET[:16] not in seen
+
+    def test_a_session_for_another_host_is_refused(self, tmp_path, host):
+        """LAUNCH_START refuses a session wrapped to another host's PDH: a config error."""
+        owner = Owner(make_psp(tmp_path, "host-b"), "sev")
+        with pytest.raises(ConfigError, match=r"session-file.*WRAP_MAC"):
+            Machine(owner.config(host[0], tmp_path))
+        assert not list(tmp_path.glob("vm.*")), "a refused machine left files behind"
+
+    def test_an_sev_es_policy_without_es_is_refused(self, tmp_path, host):
+        """The machine refuses a policy that contradicts its technology, naming the ES bit."""
+        host_dir, psp = host
+        owner = Owner(psp, "sev-es", policy=Policy(nodbg=True))
+        with pytest.raises(ConfigError, match=r"policy: 0x1 lacks ES \(bit 2"):
+            Machine(owner.config(host_dir, tmp_path))
+
+
+class TestGuestRuns:
+    @pytest.mark.parametrize("tech", ["sev", "sev-es"])
+    def test_ab_runs_after_cont(self, machines, tech):
+        """In prelaunch nothing runs; cont finishes the launch and the a-b guest makes passes."""
+        machine, _ = machines(tech)
+        assert qmp(machine, "query-status")["status"] == "prelaunch"
+        assert ab_passes(machine.memory.ram) == 0
+        qmp(machine, "cont")
+        assert qmp(machine, "query-sev")["state"] == "running"
+        assert machine.console.wait_for("B", 2, timeout=30), machine.console.text
+        qmp(machine, "stop")
+        assert ab_passes(machine.memory.ram) >= 2
+        assert check_ab(machine.memory.ram).ok
+
+    def test_a_secret_after_the_launch_finished_is_refused(self, machines):
+        """Once running (LAUNCH_FINISH), the PSP takes no secret: QEMU's state error."""
+        machine, owner = machines("sev")
+        blob = base64.b64decode(qmp(machine, "query-sev-launch-measure")["data"])
+        qmp(machine, "cont")
+        with pytest.raises(QmpCommandError, match=r"Not in correct state. \(LSECRET\) 3"):
+            qmp(machine, "sev-inject-launch-secret", **owner.secret_args(blob))
+
+
+class TestHypervisorAccess:
+    @pytest.mark.parametrize(("tech", "lands"), [("plain", True), ("sev", False)])
+    def test_a_hypervisor_write_is_garbage_to_an_sev_guest(self, machines, tech, lands):
+        """Plain: the guest reads what the host wrote.  SEV: it reads garbage in the touched
+        16-byte blocks only, and the host reads back exactly what it wrote."""
+        machine, _ = machines(tech)
+        gpa = 3 * MIB + 16
+        before = machine.memory.ram[gpa - 16:gpa + 64]
+        qmp(machine, "x-memory-write", gpa=gpa, data=_b64(CANARY))
+        guest = machine.memory.ram[gpa:gpa + len(CANARY)]
+        assert (guest == CANARY) is lands
+        touched = -(-len(CANARY) // 16) * 16
+        assert machine.memory.ram[gpa - 16:gpa] == before[:16]
+        assert machine.memory.ram[gpa + touched:gpa + 64] == before[16 + touched:]
+        read = qmp(machine, "x-memory-read", gpa=gpa, size=len(CANARY))["data"]
+        assert base64.b64decode(read) == CANARY
+
+    def test_accesses_are_bounded(self, machines):
+        """At most 1 MiB a call, and only inside guest RAM."""
+        machine, _ = machines("sev")
+        with pytest.raises(QmpCommandError, match="1 to 1048576 bytes"):
+            qmp(machine, "x-memory-read", gpa=0, size=MIB + 1)
+        with pytest.raises(QmpCommandError, match="not inside guest RAM"):
+            qmp(machine, "x-memory-read", gpa=MEMORY - 8, size=16)
+
+    @pytest.mark.parametrize(("tech", "allowed"), [("sev", True), ("sev-es", False)])
+    def test_register_access_follows_the_technology(self, machines, tech, allowed):
+        """SEV: the hypervisor gets the registers (KVM_GET_REGS); SEV-ES: refused, VMSA sealed."""
+        machine, _ = machines(tech)
+        if allowed:
+            assert len(qmp(machine, "x-vcpu-state-export")) == 2
+        else:
+            with pytest.raises(QmpCommandError, match="SEV-ES guest's registers are in its "
+                               "encrypted VMSA"):
+                qmp(machine, "x-vcpu-state-export")
+            with pytest.raises(QmpCommandError, match="encrypted VMSA"):
+                qmp(machine, "x-vcpu-state-import", vmsas=[])
+
+
+class TestPlainMachine:
+    def test_sev_commands_answer_as_qemu_without_sev(self, machines):
+        """query-sev says disabled; the others fail with QEMU's GenericError texts."""
+        machine, _ = machines("plain")
+        assert qmp(machine, "query-sev") == {"enabled": False, "api-major": 0, "api-minor": 0,
+                                             "build-id": 0, "policy": 0, "state": "uninit",
+                                             "handle": 0}
+        for name, arguments, desc in [
+            ("query-sev-launch-measure", {}, "SEV launch measurement is not available"),
+            ("query-sev-capabilities", {}, "SEV is not enabled in KVM"),
+            ("sev-inject-launch-secret", {"packet_header": "AA==", "secret": "AA=="},
+             "SEV not enabled for guest"),
+        ]:
+            with pytest.raises(QmpCommandError) as info:
+                qmp(machine, name, **arguments)
+            assert (info.value.error_class, info.value.desc) == ("GenericError", desc)
+
+
+class TestCommandLine:
+    @pytest.mark.parametrize(("tech", "policy", "message"), [
+        ("sev-es", "0x1", "vmmig: error: policy: 0x1 lacks ES (bit 2, 0x4)"),
+        ("sev", "0x5", "vmmig: error: policy: 0x5 sets ES (bit 2, 0x4)"),
+        ("sev", "0x40", "vmmig: error: policy: '0x40' is not a policy word"),
+    ])
+    def test_a_policy_contradicting_the_technology_is_refused(self, tmp_path, host, capsys,
+                                                              tech, policy, message):
+        """One line on stderr, exit status 2, before any machine exists."""
+        owner = Owner(host[1], "sev")
+        argv = ["emu", "start", "--qmp", str(tmp_path / "vm.qmp"), "--host-dir", str(host[0]),
+                *owner.options(tmp_path), "--tech", tech, "--policy", policy]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message), err
+        assert err.count("\n") == 1
+
+    @pytest.mark.parametrize(("args", "message"), [
+        (["--tech", "sev", "--host-dir", "h"], "--dh-cert-file is required for --tech sev"),
+        (["--policy", "1"], "only sev and sev-es machines take --policy"),
+    ])
+    def test_missing_or_misplaced_sev_options_are_refused(self, tmp_path, capsys, args,
+                                                          message):
+        """SEV needs the owner's launch inputs; a plain machine takes none."""
+        argv = ["emu", "start", "--qmp", str(tmp_path / "vm.qmp"), *args]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err
+        assert err.count("\n") == 1
+
+
+@contextlib.asynccontextmanager
+async def machine_process(tmp_path: Path, *options: str):
+    """A ``vmmig emu start -S`` process of 16 MiB; yields a connected qemu.qmp client."""
+    socket_path = tmp_path / "vm.qmp"
+    argv = [sys.executable, "-m", "vmmig", "emu", "start", "--memory", "16M", "--smp", "2",
+            "--qmp", str(socket_path), "-S", *options]
+    with subprocess.Popen(argv, stderr=subprocess.PIPE) as process:
+        try:
+            deadline = time.monotonic() + 30
+            while not socket_path.exists():
+                assert process.poll() is None, process.stderr.read().decode()
+                assert time.monotonic() < deadline, "the machine opened no QMP socket"
+                await asyncio.sleep(0.02)
+            client = QMPClient("owner")
+            await client.connect(str(socket_path))
+            yield client
+            await client.execute("quit")
+            with contextlib.suppress(EOFError):
+                await client.disconnect()
+            assert process.wait(30) == 0
+        finally:
+            process.kill()
+
+
+async def _until_changes(client: QMPClient, gpa: int, size: int, first: str) -> str:
+    """Read guest memory over QMP until it differs from ``first`` (bounded)."""
+    deadline = time.monotonic() + 30
+    while (now := (await client.execute("x-memory-read", {"gpa": gpa, "size": size}))["data"]) \
+            == first:
+        assert time.monotonic() < deadline, "guest memory did not change"
+        await asyncio.sleep(0.01)
+    return now
+
+
+class TestOverQmp:
+    def test_the_owner_attests_injects_and_the_guest_runs(self, tmp_path, host):
+        """The owner's whole launch over QMP: capabilities, measurement, secret, cont."""
+        host_dir, psp = host
+        owner = Owner(psp, "sev")
+        launched = owner.config(host_dir, tmp_path)
+
+        async def scenario():
+            async with machine_process(tmp_path, "--host-dir", str(host_dir),
+                                       *owner.options(tmp_path)) as client:
+                assert (await client.execute("query-status"))["status"] == "prelaunch"
+                info = await client.execute("query-sev")
+                assert info["enabled"]
+                assert info["state"] == "launch-secret"
+                assert (info["policy"], info["api-major"], info["api-minor"]) == (1, 1, 55)
+                caps = await client.execute("query-sev-capabilities")
+                chain = PlatformChain.from_buffers(
+                    base64.b64decode(caps["pdh"]), base64.b64decode(caps["cert-chain"]),
+                    amd_root().ask_cert + amd_root().ark_cert)
+                assert verify_chain(chain, amd_root().ark_public_key).cert == psp.chain.pdh
+                assert (caps["cbitpos"], len(base64.b64decode(caps["cpu0-id"]))) == (47, 64)
+
+                blob = base64.b64decode(
+                    (await client.execute("query-sev-launch-measure"))["data"])
+                assert owner.measurement_ok(blob, launched)
+                bad = owner.secret_args(blob)
+                header = bytearray(base64.b64decode(bad["packet-header"]))
+                header[-1] ^= 1
+                with pytest.raises(ExecuteError, match="BAD_MEASUREMENT"):
+                    await client.execute("sev-inject-launch-secret",
+                                         {**bad, "packet-header": _b64(header)})
+                assert (await client.execute("query-sev"))["state"] == "launch-secret"
+                await client.execute("sev-inject-launch-secret", owner.secret_args(blob))
+                secret_area = await client.execute(
+                    "x-memory-read", {"gpa": SECRET_AREA[0], "size": len(SECRET)})
+                assert SECRET[:16] not in base64.b64decode(secret_area["data"])
+
+                block = (await client.execute("x-memory-read",
+                                              {"gpa": INFO_ADDR, "size": 16}))["data"]
+                with client.listener("RESUME") as events:
+                    await client.execute("cont")
+                    await asyncio.wait_for(events.get(), 10)
+                assert (await client.execute("query-sev"))["state"] == "running"
+                # The pass counter moves: its ciphertext changes, the guest runs.
+                await _until_changes(client, INFO_ADDR, 16, block)
+
+        asyncio.run(scenario())
+
+    @pytest.mark.parametrize("tech", ["plain", "sev"])
+    def test_hypervisor_reads_show_the_guests_plaintext_only_without_sev(self, tmp_path, host,
+                                                                         tech):
+        """The program, its block and the a-b pages the guest wrote: plaintext to the
+        hypervisor on a plain machine, never on an SEV one."""
+        host_dir, psp = host
+        options = ([] if tech == "plain"
+                   else ["--host-dir", str(host_dir), *Owner(psp, tech).options(tmp_path)])
+        program = build_program("ab64")[:32]
+        block = struct.pack("<II", AB_START, MEMORY)
+
+        async def scenario():
+            async with machine_process(tmp_path, *options) as client:
+                pages = (await client.execute("x-memory-read",
+                                              {"gpa": AB_START, "size": 16 * 4096}))["data"]
+                await client.execute("cont")
+                pages = base64.b64decode(await _until_changes(client, AB_START, 16 * 4096,
+                                                              pages))
+                low = base64.b64decode((await client.execute(
+                    "x-memory-read", {"gpa": 0, "size": AB_START}))["data"])
+                return pages, low
+
+        pages, low = asyncio.run(scenario())
+        zero_blocks = sum(pages[i:i + 16] == bytes(16) for i in range(0, len(pages), 16))
+        if tech == "plain":
+            assert low[PROGRAM_GPA:PROGRAM_GPA + 32] == program
+            assert low[INFO_ADDR:INFO_ADDR + 8] == block
+            assert zero_blocks >= len(pages) // 16 - 16  # all but each page's first block
+        else:
+            assert program not in low
+            assert block not in low
+            assert zero_blocks == 0
