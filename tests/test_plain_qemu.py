@@ -7,25 +7,23 @@ otherwise) and are never skipped.  Every wait is bounded.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from vmmig import hookimpl
+from migration_support import (
+    SourceWatch,
+    migrate_in_process,
+    no_leftover_processes,
+    socket_closed_port,
+    wait_for_line,
+)
 from vmmig.config import MigrationPlan
 from vmmig.platforms.qemu.host import kvm_status
-from vmmig.platforms.qemu.platform import QemuPlatform
-from vmmig.plugin_host import PluginHost
-from vmmig.runner import run_migration
-from vmmig.workloads import wait_guest_progress
 
 
 pytestmark = pytest.mark.qemu
@@ -33,65 +31,11 @@ pytestmark = pytest.mark.qemu
 VMMIG = [sys.executable, "-m", "vmmig"]
 
 
-def qemu_pids() -> set[int]:
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-                # Only vmmig's QEMUs: their files live in a "vmmig-" work directory.
-                if b"qemu-system" in argv[0] and any(b"/vmmig-" in arg for arg in argv):
-                    pids.add(int(entry.name))
-    return pids
-
-
 @pytest.fixture
 def no_leftover_qemu():
     """Fails the test if a QEMU process it started outlives it."""
-    before = qemu_pids()
-    yield
-    deadline = time.monotonic() + 10
-    while (left := qemu_pids() - before) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not left, f"QEMU processes left running: {sorted(left)}"
-
-
-class SourceWatch:
-    """A plugin that keeps the migration so the test can inspect the source afterwards."""
-
-    def __init__(self, on_progress=None):
-        self.migration = None
-        self.on_progress = on_progress
-
-    @hookimpl
-    def vmmig_phase_changed(self, migration, old, new):
-        self.migration = migration
-
-    @hookimpl
-    def vmmig_progress(self, migration, progress):
-        if self.on_progress is not None:
-            self.on_progress(migration, progress)
-            self.on_progress = None
-
-
-def migrate_in_process(plan: MigrationPlan, watch: SourceWatch):
-    """Run a migration; before QEMU is torn down, report whether the source guest still runs."""
-    host = PluginHost(entry_points=False)
-    host.pm.register(watch, name="watch")
-    after = {}
-
-    @contextlib.asynccontextmanager
-    async def opener(plan):
-        async with QemuPlatform.open(plan) as platform:
-            yield platform
-            source = watch.migration.source
-            if not source.exited:
-                with source.map_ram() as ram:
-                    after["source"] = await wait_guest_progress(plan.workload, ram,
-                                                                source.status)
-
-    report = asyncio.run(run_migration(plan, host, opener=opener))
-    return report, after.get("source")
+    with no_leftover_processes(b"qemu-system"):
+        yield
 
 
 class TestLiveMigration:
@@ -237,24 +181,3 @@ class TestFaults:
         assert result.returncode == 2
         assert result.stderr.strip() == (f"vmmig: error: {plan}: downtime-limit: "
                                          "must be at least 1 ms, got -5")
-
-
-@contextlib.contextmanager
-def socket_closed_port():
-    """A loopback port that is certainly closed (bound, never listening)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield sock.getsockname()[1]
-
-
-def wait_for_line(process, text, timeout):
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            break
-        seen.append(line)
-        if text in line:
-            return
-    raise AssertionError(f"{text!r} not seen on stderr: {''.join(seen)}")

@@ -43,9 +43,11 @@ def source():
 
 
 class TestBatches:
-    @pytest.mark.parametrize("numbers", [[3, 5, 6, 40, 7, 0], [8, 9, 10, 11], [4, 5, 6, 7, 8]])
+    @pytest.mark.parametrize("numbers", [[3, 5, 6, 40, 7, 0], [8, 9, 10, 11], [4, 5, 6, 7, 8],
+                                         [5, 7], [5, 6, 7]])
     def test_batch_round_trips_into_the_target(self, source, link, numbers):
-        """Pages land at the same GPAs on the target: scattered, consecutive, with zero pages."""
+        """Pages land at the same GPAs on the target: scattered, consecutive, with zero pages,
+        only zero pages."""
         target = np.full_like(source, 0xAA)
         numbers = np.array(numbers, dtype=np.uint64)
         assert transfer(link, PageBatcher(source).batch(numbers), target) == len(numbers)

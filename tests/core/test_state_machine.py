@@ -64,10 +64,11 @@ class TestFailure:
                                                             "connection refused")
 
     def test_failed_rollback_ends_failed(self):
-        """RollbackFailed ends in failed."""
+        """RollbackFailed ends in failed, and the reason keeps both failures."""
         machine = walk_to(Phase.PREPARING_TARGET)
         machine.receive(ev.StepFailed("boom"))
-        assert machine.receive(ev.RollbackFailed("source gone")) == Finish(Phase.FAILED, "boom")
+        assert machine.receive(ev.RollbackFailed("source gone")) == Finish(
+            Phase.FAILED, "boom; source gone")
 
     def test_failure_after_commit_never_rolls_back(self):
         """After the commit point a failure ends failed: the source must not run again."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, Any
@@ -101,8 +102,14 @@ def run_agent(options: AgentOptions, events: IO[str] = sys.stdout,
                 _target(options, monitor, control)
             else:
                 _source(options, monitor, control)
-    except (VmmigError, QMPError, OSError, ValueError) as err:
+    except EOFError:  # the legacy QMP client's word for a closed connection
+        control.emit("error", message="lost the QMP connection to its machine (did it exit?)")
+        return 1
+    except (VmmigError, QMPError, OSError) as err:
         control.emit("error", message=str(err) or type(err).__name__)
+        return 1
+    except Exception as err:  # a bug: still one line for the orchestrator, not a traceback
+        control.emit("error", message=f"{type(err).__name__}: {err}")
         return 1
     return 0
 
@@ -147,7 +154,9 @@ def _source(options: AgentOptions, monitor: QEMUMonitorProtocol, control: _Contr
             last = engine.precopy()
             control.emit("converged", reason=last.reason.value)
             control.expect("stop")
-            control.emit("stopped", pages=engine.stop_and_copy())
+            stop_started = time.monotonic()
+            pages = engine.stop_and_copy()
+            control.emit("stopped", pages=pages, seconds=time.monotonic() - stop_started)
             control.expect("finish")
             result = engine.finish()
         except BaseException as err:

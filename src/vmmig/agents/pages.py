@@ -100,8 +100,10 @@ class PageBatcher:
         np.multiply(ordered, PAGE, out=gpas, casting="unsafe")
         self.zero += zero_count
         self.normal += count - zero_count
-        return [memoryview(_COUNTS.pack(count, zero_count)), gpas.data.cast("B"),
-                np.ascontiguousarray(pages).data.cast("B")]
+        parts = [memoryview(_COUNTS.pack(count, zero_count)), gpas.data.cast("B")]
+        if zero_count < count:  # a view of no pages cannot be cast to bytes
+            parts.append(np.ascontiguousarray(pages).data.cast("B"))
+        return parts
 
 
 def _contiguous(numbers: np.ndarray) -> bool:
@@ -150,7 +152,7 @@ class PageReceiver:
         if _contiguous(normal):
             first = int(normal[0])
             channel.receive_into(self.ram[first:first + len(normal)].data.cast("B"))
-        else:
+        elif len(normal):
             pages = self._pages[:len(normal)]
             channel.receive_into(pages.data.cast("B"))
             self.ram[normal] = pages

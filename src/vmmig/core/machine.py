@@ -56,7 +56,10 @@ class MigrationMachine:
     def _enter(self, phase: Phase, event: ev.Event) -> None:
         if isinstance(event, ev.Committed):
             self.committed = True
-        if self.failure is None:
+        if isinstance(event, ev.RollbackFailed) and self.failure is not None:
+            # Both matter: why the migration failed and why the source was not resumed.
+            self.failure = f"{self.failure}; {event.reason}"
+        elif self.failure is None:
             if isinstance(event, ev.StepFailed | ev.RollbackFailed):
                 self.failure = event.reason
             elif isinstance(event, ev.CancelRequested):
