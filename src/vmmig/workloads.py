@@ -2,7 +2,8 @@
 
 ``ab`` increments byte 0 of every page in turn (QEMU's migration-test idea):
 its memory obeys the a-b edge rule and keeps changing while it runs.
-``idle`` sets up and halts: its memory never changes.  On the emulated
+``idle`` sets up and halts: its memory never changes.  ``fill`` is ``ab``
+halting after its first pass: every page written once, then nothing.  On the emulated
 platform also ``regs`` (a checkpoint chain that breaks if a register is
 lost) and ``dirty:RATE`` (dirties RATE bytes of new pages per second).
 """
@@ -34,7 +35,9 @@ __all__ = [
 ]
 
 #: Workloads a boot-sector guest can run, by name.
-GUEST_WORKLOADS: Final = ("ab", "idle")
+GUEST_WORKLOADS: Final = ("ab", "fill", "idle")
+#: Workloads whose guest halts: a resumed one shows it runs by its state alone.
+_HALTING: Final = frozenset({"fill", "idle"})
 
 #: How long a resumed guest gets to show it runs.
 PROGRESS_TIMEOUT = 30.0
@@ -62,7 +65,7 @@ def check_workload(workload: str, scan: RamScan, memory: Buffer | None = None
     :param memory: the target's whole RAM, which ``regs`` needs.
     :return: (check name, one-line detail, ok).
     """
-    if workload == "ab":
+    if workload in {"ab", "fill"}:
         region = ab_region(scan.first_page, scan.size)
         result = check_ab_heads(scan.page_heads, region)
         return "a-b", result.detail, result.ok
@@ -86,13 +89,13 @@ async def wait_guest_progress(workload: str, memory: Buffer,
                               status: Callable[[], Awaitable[str]]) -> tuple[bool, str]:
     """Wait until a resumed guest shows it runs.
 
-    Every workload must be ``running``; all but ``idle`` must change their memory.
+    Every workload must be ``running``; those that do not halt must change their memory.
 
     :return: (ok, one-line detail).
     """
     if (state := await status()) != "running":
         return False, f"guest is {state!r}, not running"
-    if workload == "idle":
+    if workload in _HALTING:
         return True, "guest running"
     before = _fingerprint(workload, memory)
     deadline = time.monotonic() + PROGRESS_TIMEOUT
@@ -113,7 +116,7 @@ async def wait_workload_ready(workload: str, memory: Buffer) -> None:
     :raises PlatformError: when the guest does not get there in time.
     """
     ready: Callable[[], bool]
-    if workload == "ab":
+    if workload in {"ab", "fill"}:
         ready = lambda: ab_passes(memory) >= 1  # noqa: E731
     elif workload == "regs":
         ready = lambda: regs_checkpoints(memory) >= 1  # noqa: E731

@@ -12,6 +12,9 @@
 #   6. byte 0 of every 4 KiB page in [1 MiB, end) zeroed, then, forever,
 #      incremented page after page; 'B' on COM1 every 64 complete passes.
 #
+# Built with --defsym PASSES=N it halts after N passes instead: the "fill"
+# guest (PASSES=1) has written every page of its memory once, then rests.
+#
 # So at any instant byte 0 of the pages reads X+1 ... X+1, X ... X: at most
 # one "edge", where the incrementer is.
 #
@@ -35,6 +38,9 @@
 #
 # Build: as --32 ab.S && ld -m elf_i386 -Ttext 0x7c00 --oformat binary.
 
+        .ifndef PASSES
+        .set    PASSES, 0               # passes before halting; 0: never halt
+        .endif
         .set    COM1, 0x3f8
         .set    INFO, 0x500             # the well-known block above
         .set    PML4, 0x1000            # page tables: PML4, one PDPT, four PDs
@@ -163,11 +169,20 @@ pass:
         cmp     %esi, %edi
         jb      5b
         incl    INFO + 8
+        .if     PASSES
+        cmpl    $PASSES, INFO + 8
+        jae     rest
+        .endif
         testb   $63, INFO + 8
         jnz     pass
         mov     $'B', %al
         call    putc
         jmp     pass
+
+        .if     PASSES
+rest:   hlt                             # interrupts are off: only an SMI wakes it
+        jmp     rest
+        .endif
 
 # Shift CMOS register %al into %bx from the right: %bx = %bx << 8 | value.
 cmos:

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -25,7 +26,9 @@ from vmmig.errors import HostRequirementError, PlatformError
 __all__ = ["GuestName", "build_from_source", "build_image", "default_cache_dir", "guest_source"]
 
 #: The guests this package ships.
-GuestName = Literal["ab", "idle"]
+GuestName = Literal["ab", "fill", "idle"]
+#: Guests built from another's source with ``as --defsym`` symbols: (source, symbols).
+_VARIANTS: dict[str, tuple[str, dict[str, int]]] = {"fill": ("ab", {"PASSES": 1})}
 
 SECTOR_SIZE = 512
 BOOT_SIGNATURE = b"\x55\xaa"
@@ -44,9 +47,10 @@ def guest_source(name: GuestName) -> bytes:
     """The assembly source of a shipped guest.
 
     :param name: which guest.
-    :returns: the contents of ``vmmig/guests/<name>.S``.
+    :returns: the contents of ``vmmig/guests/<name>.S`` (a variant's: its source's).
     """
-    return resources.files("vmmig.guests").joinpath(f"{name}.S").read_bytes()
+    source = _VARIANTS[name][0] if name in _VARIANTS else name
+    return resources.files("vmmig.guests").joinpath(f"{source}.S").read_bytes()
 
 
 def build_image(name: GuestName, cache_dir: Path | None = None) -> Path:
@@ -60,11 +64,14 @@ def build_image(name: GuestName, cache_dir: Path | None = None) -> Path:
     :raises HostRequirementError: GNU as or ld is not installed.
     :raises PlatformError: the source does not assemble into a boot sector.
     """
-    return build_from_source(guest_source(name), stem=name, cache_dir=cache_dir)
+    defines = _VARIANTS[name][1] if name in _VARIANTS else {}
+    return build_from_source(guest_source(name), stem=name, cache_dir=cache_dir,
+                             defines=defines)
 
 
 def build_from_source(
-    source: bytes, *, stem: str, cache_dir: Path | None = None, flat64_base: int | None = None
+    source: bytes, *, stem: str, cache_dir: Path | None = None, flat64_base: int | None = None,
+    defines: Mapping[str, int] | None = None,
 ) -> Path:
     """Build a boot disk from assembly source, or find it already built.
 
@@ -76,18 +83,20 @@ def build_from_source(
     :param cache_dir: where images are kept; :func:`default_cache_dir` if None.
     :param flat64_base: None for a boot sector; otherwise build a flat 64-bit
         binary linked at this address (any size), named ``.bin`` in the cache.
+    :param defines: symbols for ``as --defsym``; they are part of the cache key.
     :returns: the path of the raw disk image.
     :raises HostRequirementError: GNU as or ld is not installed.
     :raises PlatformError: the source does not assemble into a boot sector.
     """
     cache = default_cache_dir() if cache_dir is None else cache_dir
-    digest = hashlib.sha256(source).hexdigest()[:16]
+    symbols = [f"{name}={value}" for name, value in sorted((defines or {}).items())]
+    digest = hashlib.sha256(source + repr(symbols).encode()).hexdigest()[:16]
     # A flat binary's name carries its link address: linked elsewhere, it differs.
     flat = f"{stem}-{flat64_base:x}-{digest}.bin" if flat64_base is not None else ""
     image = cache / (flat or f"{stem}-{digest}.img")
     if image.is_file():
         return image
-    sector = _assemble(source, stem, flat64_base)
+    sector = _assemble(source, stem, flat64_base, symbols)
     cache.mkdir(parents=True, exist_ok=True)
     # Write then rename, so a concurrent build or reader never sees half an image.
     fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{stem}-", suffix=image.suffix)
@@ -101,7 +110,8 @@ def build_from_source(
     return image
 
 
-def _assemble(source: bytes, stem: str, flat64_base: int | None) -> bytes:
+def _assemble(source: bytes, stem: str, flat64_base: int | None,
+              symbols: list[str]) -> bytes:
     """Assemble and link one boot sector (or flat 64-bit binary) and check its shape."""
     assembler = shutil.which("as")
     if assembler is None:
@@ -116,7 +126,8 @@ def _assemble(source: bytes, stem: str, flat64_base: int | None) -> bytes:
     with tempfile.TemporaryDirectory(prefix="vmmig-guest-") as work:
         src, obj, out = (Path(work) / f"{stem}{ext}" for ext in (".S", ".o", ".bin"))
         src.write_bytes(source)
-        _run([assembler, bits, "-o", str(obj), str(src)], stem)
+        defsyms = [arg for symbol in symbols for arg in ("--defsym", symbol)]
+        _run([assembler, bits, *defsyms, "-o", str(obj), str(src)], stem)
         # -z noexecstack: the object has no .note.GNU-stack and ld would warn.
         link = ["-m", emulation, "-z", "noexecstack", "-Ttext", hex(base), "--oformat", "binary"]
         _run([linker, *link, "-o", str(out), str(obj)], stem)

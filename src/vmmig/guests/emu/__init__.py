@@ -105,13 +105,16 @@ _DIRTY = struct.Struct("<9Q")
 
 @attrs.frozen
 class AbParams:
-    """Where ab64 works: [1 MiB, end).
+    """Where ab64 works: [1 MiB, end), and for how long.
 
     :param end: end of the region, exclusive, page aligned, at most 4 GiB;
         None for the end of RAM (or 4 GiB).
+    :param passes: halt after this many passes; 0 to run for ever.
     """
 
     end: int | None = None
+    passes: int = attrs.field(default=0, validator=[attrs.validators.ge(0),
+                                                    attrs.validators.lt(1 << 32)])
 
 
 @attrs.frozen
@@ -284,7 +287,7 @@ def _region(mem: memoryview, start: int, end: int | None, limit: int) -> tuple[i
 
 def _write_ab(mem: memoryview, params: AbParams) -> None:
     start, end = _region(mem, AB_START, params.end, 1 << 32)
-    struct.pack_into("<IIII", mem, INFO_ADDR, start, end, 0, 0)
+    struct.pack_into("<IIII", mem, INFO_ADDR, start, end, 0, params.passes)
 
 
 def _write_dirty(mem: memoryview, params: DirtyParams) -> None:

@@ -8,7 +8,7 @@
 #   0x500  u32  start of the region (host), always 0x00100000
 #   0x504  u32  end of the region, exclusive, page aligned (host)
 #   0x508  u32  complete passes so far (guest; wraps at 2^32)
-#   0x50c  u32  reserved, 0
+#   0x50c  u32  passes to make before halting, 0 for ever (host)
 #
 # It prints 'A' on COM1, zeroes byte 0 of every 4 KiB page of the region,
 # then increments them page after page forever, printing 'B' every 64
@@ -28,7 +28,6 @@ _start:
         mov     INFO, %r8d              # %r8 = start (a 32-bit load zero-extends)
         mov     INFO + 4, %r9d          # %r9 = end
         movl    $0, INFO + 8
-        movl    $0, INFO + 12
 
         mov     $'A', %al
         call    putc
@@ -48,11 +47,19 @@ pass:
         cmp     %r9, %rdi
         jb      2b
         incl    INFO + 8
-        testb   $63, INFO + 8
+        mov     INFO + 12, %eax         # a pass limit: the "fill" workload
+        test    %eax, %eax
+        jz      3f
+        cmp     %eax, INFO + 8
+        jae     rest
+3:      testb   $63, INFO + 8
         jnz     pass
         mov     $'B', %al
         call    putc
         jmp     pass
+
+rest:   hlt
+        jmp     rest
 
 # Write %al to COM1 (the host's on_port_write sees port 0x3f8).
 putc:

@@ -17,13 +17,19 @@ from vmmig.plugins.plain import emu_precopy, qemu_native
 from vmmig.technology import Technology
 
 
-#: Each platform's implementation; a step a module leaves out is not run there.
+#: Each platform's implementation of the steps, by the steps' names.
 _BY_PLATFORM: dict[str, ModuleType] = {"qemu": qemu_native, "emu": emu_precopy}
 
 
+#: Steps a platform may leave out (QEMU's stream stops the source and carries the CPUs).
+_OPTIONAL = frozenset({"stop_source", "transfer_cpu_state"})
+
+
 def _step(migration: Migration, name: str, *args: object) -> Awaitable[None] | None:
-    step = getattr(_BY_PLATFORM[migration.plan.platform], name, None)
-    return None if step is None else step(migration, *args)
+    module = _BY_PLATFORM[migration.plan.platform]
+    if name in _OPTIONAL and not hasattr(module, name):
+        return None
+    return getattr(module, name)(migration, *args)  # type: ignore[no-any-return]
 
 
 @hookimpl

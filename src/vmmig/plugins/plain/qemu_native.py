@@ -25,7 +25,7 @@ from vmmig.report import Progress, RamStats, RoundReport
 from vmmig.workloads import check_workload, wait_guest_progress
 
 
-__all__ = ["finalize", "prepare_target", "rollback", "transfer", "verify"]
+__all__ = ["finalize", "prepare_target", "rollback", "transfer_memory", "verify"]
 
 #: How often statistics are polled while QEMU migrates (progress a few times a second).
 STATS_INTERVAL = 0.25
@@ -85,7 +85,7 @@ async def _listening_uri(target: QemuMachine, listen: str) -> str:
     raise PlatformError(f"target: QEMU did not report the port it listens on ({listen})")
 
 
-async def transfer(migration: Migration) -> None:
+async def transfer_memory(migration: Migration) -> None:
     """Run ``migrate`` and follow it to ``completed``, reporting progress and passes.
 
     Completion is taken from ``MIGRATION`` events on both sides, not from
