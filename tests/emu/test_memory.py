@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from vmmig.errors import PlatformError
 from vmmig.platforms.emu.memory import GuestMemory
 from vmmig.platforms.emu.xex import PAGE, Xex
 
@@ -81,6 +82,23 @@ class TestSevRules:
         guest_writes(sev_memory, 6, b"\0" * PAGE)
         sev_memory.host_write_pages(pages(6), snapshot)
         assert sev_memory.ram[6 * PAGE:6 * PAGE + len(CANARY)] == CANARY
+
+
+class TestKeySlot:
+    def test_private_ram_has_no_host_view_before_activate(self):
+        """Private RAM takes its key from the PSP's ACTIVATE: no host access before, then
+        ciphertext at any byte alignment."""
+        memory = GuestMemory(8 * PAGE, private=True)
+        guest_writes(memory, 1, CANARY)
+        assert memory.encrypted
+        with pytest.raises(PlatformError, match="no key"):
+            memory.host_read(PAGE, len(CANARY))
+        memory.load_key(os.urandom(32))
+        seen = memory.host_read(PAGE + 3, len(CANARY))
+        assert len(seen) == len(CANARY)
+        assert seen != CANARY[3:] + b"\0" * 3
+        assert memory.host_read(PAGE, 2 * PAGE)[3:3 + len(CANARY)] == seen
+        memory.close()
 
 
 def test_size_must_be_whole_pages():

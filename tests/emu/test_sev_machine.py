@@ -374,6 +374,8 @@ class TestOverQmp:
 
         async def scenario():
             async with machine_process(tmp_path, *options) as client:
+                memory = await client.execute("x-query-memory")
+                assert (memory["ram-path"] is None) is memory["encrypted"] is (tech == "sev")
                 pages = (await client.execute("x-memory-read",
                                               {"gpa": AB_START, "size": 16 * 4096}))["data"]
                 await client.execute("cont")
