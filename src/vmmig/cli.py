@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vmmig import __version__
-from vmmig.config import MigrationPlan, load_plan, plan_fields
+from vmmig.config import MigrationPlan, load_plan, plan_fields, precopy_limits
 from vmmig.errors import ConfigError, MigrationCancelled, VmmigError
 from vmmig.integrity import human_size
 from vmmig.plugin_host import PluginHost
@@ -27,6 +27,8 @@ from vmmig.runner import run_migration
 __all__ = ["main", "summary"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
+#: Plan fields an agent takes as options: the source's precopy limits.
+_AGENT_LIMITS = ("downtime-limit", "bandwidth", "auto-converge")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,14 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="start a test VM and live-migrate it")
     run.add_argument("--config", type=Path, metavar="PLAN.toml",
                      help="migration plan; options given here override it")
-    for field in plan_fields():
-        option = "--tech" if field.name == "tech" else f"--{field.name}"
-        if field.flag:
-            run.add_argument(option, dest=field.name, action=argparse.BooleanOptionalAction,
-                             default=None, help=field.help)
-        else:
-            run.add_argument(option, dest=field.name, default=None, metavar=field.metavar,
-                             help=field.help)
+    _add_plan_options(run)
 
     sub.add_parser("plugins", help="list plugins, their technologies and hooks")
 
@@ -79,7 +74,36 @@ def _parser() -> argparse.ArgumentParser:
                      help="the emulated host's PSP state, shared by its machines")
     sev.add_argument("--amd-root", metavar="DIR",
                      help="the emulated AMD root, shared by the hosts (default: --host-dir)")
+
+    agent = sub.add_parser("agent", help="one side of a migration's data path (run by vmmig)")
+    agent.add_argument("role", choices=("source", "target"))
+    agent.add_argument("--qmp", required=True, metavar="PATH", help="the machine's QMP socket")
+    agent.add_argument("--address", required=True, metavar="URI",
+                       help="target: where to listen; source: where to connect "
+                            "(tcp:HOST:PORT or unix:PATH)")
+    _add_plan_options(agent, _AGENT_LIMITS)
     return parser
+
+
+def _add_plan_options(parser: argparse.ArgumentParser,
+                      names: Sequence[str] | None = None) -> None:
+    """One option per plan field (those in ``names`` only, if given), unset by default."""
+    for field in plan_fields():
+        if names is not None and field.name not in names:
+            continue
+        if field.flag:
+            parser.add_argument(f"--{field.name}", dest=field.name, default=None,
+                                action=argparse.BooleanOptionalAction, help=field.help)
+        else:
+            parser.add_argument(f"--{field.name}", dest=field.name, default=None,
+                                metavar=field.metavar, help=field.help)
+
+
+def _plan_options(args: argparse.Namespace, names: Sequence[str] | None = None
+                  ) -> dict[str, object]:
+    """The plan options given on the command line."""
+    return {field.name: getattr(args, field.name) for field in plan_fields()
+            if (names is None or field.name in names) and getattr(args, field.name) is not None}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,11 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "plugins":
             _print_plugins(host)
             return EXIT_OK
-        if args.command == "emu":
-            return _emu_start(args)
-        overrides = {field.name: getattr(args, field.name) for field in plan_fields()
-                     if getattr(args, field.name) is not None}
-        plan = load_plan(args.config, overrides)
+        commands = {"emu": _emu_start, "agent": _agent}
+        if args.command in commands:
+            return commands[args.command](args)
+        plan = load_plan(args.config, _plan_options(args))
         return _run(plan, host)
     except ConfigError as err:
         print(f"vmmig: error: {err}", file=sys.stderr)
@@ -162,6 +185,15 @@ def _emu_start(args: argparse.Namespace) -> int:
     )
     asyncio.run(serve(config, paused=args.paused))
     return EXIT_OK
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from vmmig.agents.agent import AgentOptions, run_agent  # noqa: PLC0415 (numpy is heavy)
+
+    # The precopy limits are the plan's fields, parsed with the same one-line errors.
+    plan = load_plan(None, _plan_options(args, _AGENT_LIMITS))
+    return run_agent(AgentOptions(role=args.role, qmp=args.qmp, address=args.address,
+                                  limits=precopy_limits(plan)))
 
 
 def summary(report: MigrationReport) -> str:

@@ -6,7 +6,9 @@ JSON lines: events on stdout, commands on stdin.  The control protocol::
 
     target -> {"event": "listening", "address": "tcp:127.0.0.1:40123"}
     target -> {"event": "received", "pages": N}        the guest is in; exit 0
-    source -> {"event": "connected"}                    dirty logging runs
+    source -> {"event": "ready"}                        connected to the target; waits:
+           <- {"cmd": "migrate"}                        start dirty logging and rounds
+    source -> {"event": "started"}                      dirty logging runs
     source -> {"event": "round", ...}                   one per precopy round
     source -> {"event": "converged", "reason": R}       waits for a command:
            <- {"cmd": "stop"}                           pause the guest, send the rest
@@ -145,11 +147,13 @@ def _round_event(stats: RoundStats) -> dict[str, object]:
 def _source(options: AgentOptions, monitor: QEMUMonitorProtocol, control: _Control) -> None:
     assert options.limits is not None
     with connect(options.address) as channel:
+        control.emit("ready")
+        control.expect("migrate")
         engine = SourceEngine(monitor, channel, options.limits)
         engine.on_round = lambda stats: control.emit("round", **_round_event(stats),
                                                      normal=engine.batcher.normal,
                                                      zero=engine.batcher.zero)
-        control.emit("connected")
+        control.emit("started")
         try:
             last = engine.precopy()
             control.emit("converged", reason=last.reason.value)

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import attrs
 import numpy as np
 
-from vmmig.agents.pages import BATCH_PAGES, PageBatcher, PageReceiver, ram_pages
+from vmmig.agents.pages import BATCH_PAGES, PageBatcher, PageReceiver, prefault, ram_pages
 from vmmig.channel import Channel, FrameKind
 from vmmig.channel.frames import FrameHeader, ProtocolError
 from vmmig.core.precopy import PrecopyLimits, PrecopyPolicy, Reason, RoundResult, pacing_delay
@@ -71,7 +71,9 @@ class SourceResult:
 def _map(path: str, size: int, *, writable: bool) -> mmap.mmap:
     with open(path, "r+b" if writable else "rb") as stream:
         access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
-        return mmap.mmap(stream.fileno(), size, access=access)
+        mapping = mmap.mmap(stream.fileno(), size, access=access)
+    prefault(mapping, writable=writable)
+    return mapping
 
 
 def _sync_dirty(monitor: MachineMonitor, bitmap: mmap.mmap, pages: int) -> np.ndarray:

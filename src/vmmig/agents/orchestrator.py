@@ -45,15 +45,22 @@ def _agent(migration: Migration, role: str) -> AgentProcess:
     return agent
 
 
-async def prepare_target(migration: Migration) -> None:
-    """Start the incoming target machine and its agent, listening for the source."""
+async def prepare_target(migration: Migration, source_options: Sequence[str] = ()) -> None:
+    """Start the incoming target machine and both agents, connected to each other.
+
+    :param source_options: more source agent options (a technology's page path).
+    """
     platform = _platform(migration)
     migration.target = await platform.launch_target()
-    agent = await platform.start_agent("target", migration.target,
-                                       platform.incoming_address())
-    migration.scratch["target-agent"] = agent
-    listening = await agent.expect("listening", STEP_TIMEOUT)
-    migration.scratch["address"] = migration.plan.migrate_uri or listening["address"]
+    target = await platform.start_agent("target", migration.target,
+                                        platform.incoming_address())
+    migration.scratch["target-agent"] = target
+    listening = await target.expect("listening", STEP_TIMEOUT)
+    address = migration.plan.migrate_uri or listening["address"]
+    source = await platform.start_agent("source", migration.source, address,
+                                        [*_source_options(migration), *source_options])
+    migration.scratch["source-agent"] = source
+    await source.expect("ready", STEP_TIMEOUT)
 
 
 def _source_options(migration: Migration) -> list[str]:
@@ -90,18 +97,13 @@ class _Rounds:
                                     migration.ram.mbps, number))
 
 
-async def transfer_memory(migration: Migration, options: Sequence[str] = ()) -> None:
-    """Start the source agent and relay its rounds until it converges (or hits the cap).
-
-    :param options: more source agent options (a technology's page path).
-    """
-    platform = _platform(migration)
+async def transfer_memory(migration: Migration) -> None:
+    """Let the source agent run its rounds; relay them until it converges (or hits the cap)."""
+    agent = _agent(migration, "source")
     started = time.monotonic()
-    agent = await platform.start_agent("source", migration.source, migration.scratch["address"],
-                                       [*_source_options(migration), *options])
-    migration.scratch["source-agent"] = agent
     rounds = _Rounds(migration)
-    await agent.expect("connected", STEP_TIMEOUT)
+    await agent.command("migrate")
+    await agent.expect("started", STEP_TIMEOUT)
     migration.setup_ms = int((time.monotonic() - started) * 1000)
     converged = await agent.expect("converged", on_event=rounds)
     migration.scratch["rounds"] = rounds

@@ -31,16 +31,17 @@ PAGE: Final = 4096
 BATCH_PAGES: Final = 256
 _COUNTS = struct.Struct("<II")
 #: Linux 5.14's madvise advice; Python 3.11's mmap module does not name it yet.
+MADV_POPULATE_READ: Final = 22
 MADV_POPULATE_WRITE: Final = 23
 
 
-def prefault(ram: mmap.mmap) -> None:
-    """Fault in every page of a writable mapping now rather than page by page.
+def prefault(ram: mmap.mmap, *, writable: bool = True) -> None:
+    """Fault in every page of a mapping now rather than page by page.
 
     First-touch faults cap writes into fresh memory near 1-2 GB/s; a target
-    prefaults its RAM before the stream arrives.
+    prefaults its RAM before the stream arrives, a source the RAM it reads.
     """
-    ram.madvise(MADV_POPULATE_WRITE)
+    ram.madvise(MADV_POPULATE_WRITE if writable else MADV_POPULATE_READ)
 
 
 def ram_pages(ram: object, *, writable: bool = False) -> np.ndarray:

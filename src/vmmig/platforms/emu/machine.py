@@ -13,6 +13,8 @@ QEMU, only through its QMP socket.  QEMU's command names where QEMU has one
     little-endian bit order) into ``<run-dir>/<name>.dirty``, which the host
     maps; it returns how many pages are dirty.  The bitmap keeps the reply
     small whatever the dirty count.
+``x-cpu-throttle``
+    Make the vCPUs sleep a percentage of the time (QEMU's auto-converge throttle).
 ``x-vcpu-state-export`` / ``x-vcpu-state-import``
     Every vCPU's VMSA page (base64), for technologies whose registers the
     hypervisor may read and set (plain, SEV).  Refused for SEV-ES.
@@ -58,7 +60,7 @@ from vmmig.platforms.emu.psp import PspError
 from vmmig.platforms.emu.qmp_schema import CommandTable, QmpCommandError
 from vmmig.platforms.emu.sev_launch import SevConfig, SevGuest, check_sev_config, launch_chunks
 from vmmig.platforms.emu.sev_qmp import SevCommands
-from vmmig.platforms.emu.vcpu import Vcpu, VcpuState
+from vmmig.platforms.emu.vcpu import MAX_THROTTLE, Vcpu, VcpuState
 from vmmig.platforms.emu.vmsa import Vmsa
 
 
@@ -67,7 +69,7 @@ __all__ = ["EMU_WORKLOADS", "MAX_HOST_ACCESS", "Machine", "MachineConfig", "laun
 
 PAGE: Final = 4096
 #: Workloads an emulated guest runs: ``dirty:RATE`` dirties RATE bytes per second.
-EMU_WORKLOADS: Final = ("ab", "idle", "regs", "dirty:RATE")
+EMU_WORKLOADS: Final = ("ab", "fill", "idle", "regs", "dirty:RATE")
 _HLT: Final = b"\xf4"
 #: How long a pause may take: a vCPU stops at the next instruction boundary.
 PAUSE_TIMEOUT: Final = 5.0
@@ -140,8 +142,8 @@ def program_for(workload: str) -> tuple[str, AbParams | DirtyParams | RegsParams
 
     :raises ConfigError: for an unknown workload or a bad dirty rate.
     """
-    if workload == "ab":
-        return "ab64", AbParams()
+    if workload in {"ab", "fill"}:
+        return "ab64", AbParams(passes=1 if workload == "fill" else 0)
     if workload == "regs":
         return "regs", RegsParams()
     if workload == "idle":
@@ -192,7 +194,7 @@ class Machine:
             ("query-status", self.query_status), ("stop", self.stop), ("cont", self.cont),
             ("query-cpus-fast", self.query_cpus_fast), ("x-query-memory", self.query_memory),
             ("x-dirty-log-start", self.dirty_log_start), ("x-dirty-log-sync", self.dirty_log_sync),
-            ("x-dirty-log-stop", self.dirty_log_stop),
+            ("x-dirty-log-stop", self.dirty_log_stop), ("x-cpu-throttle", self.cpu_throttle),
             ("x-vcpu-state-export", self.vcpu_state_export),
             ("x-vcpu-state-import", self.vcpu_state_import),
         ):
@@ -255,6 +257,14 @@ class Machine:
                 vcpu.resume()
             else:
                 vcpu.run_thread()
+
+    def cpu_throttle(self, percentage: int) -> None:
+        """Make every vCPU sleep ``percentage`` % of the time (0 to 99), as auto-converge does."""
+        if not 0 <= percentage <= MAX_THROTTLE:
+            raise QmpCommandError("GenericError", f"percentage must be 0-{MAX_THROTTLE}, "
+                                  f"not {percentage}")
+        for vcpu in self.vcpus:
+            vcpu.throttle = percentage
 
     def query_cpus_fast(self) -> list[dict[str, object]]:
         """QEMU's ``query-cpus-fast``, plus each vCPU's own state."""
