@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,6 +90,23 @@ def socket_closed_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         yield sock.getsockname()[1]
+
+
+def interrupt_run(args, report_path, *, after="phase transferring-memory", timeout=180):
+    """Start ``vmmig run ARGS --json REPORT``, send SIGINT once ``after`` is printed.
+
+    :return: the exit status, what it printed on stderr, and the JSON report.
+    """
+    process = subprocess.Popen([sys.executable, "-m", "vmmig", "run", *args,
+                                "--json", str(report_path)],
+                               stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for_line(process, after, timeout=timeout)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    return process.returncode, stderr, json.loads(report_path.read_text())
 
 
 def wait_for_line(process, text, timeout):

@@ -18,10 +18,10 @@ import pytest
 
 from migration_support import (
     SourceWatch,
+    interrupt_run,
     migrate_in_process,
     no_leftover_processes,
     socket_closed_port,
-    wait_for_line,
 )
 from vmmig.config import MigrationPlan
 
@@ -141,19 +141,10 @@ class TestFaults:
 
     def test_ctrl_c_cancels_and_exits_130(self, tmp_path, no_leftovers):
         """SIGINT mid-transfer: rolled back, source running, exit 130, report written."""
-        report_path = tmp_path / "report.json"
-        process = subprocess.Popen(
-            [*VMMIG, "run", "--platform", "emu", "--memory", "128M", "--workload", "ab",
-             "--downtime-limit", "1", "--bandwidth", "64", "--json", str(report_path)],
-            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        try:
-            wait_for_line(process, "phase transferring-memory", timeout=120)
-            process.send_signal(signal.SIGINT)
-            _, stderr = process.communicate(timeout=120)
-        finally:
-            process.kill()
-        assert process.returncode == 130, stderr
-        report = json.loads(report_path.read_text())
+        returncode, stderr, report = interrupt_run(
+            ["--platform", "emu", "--memory", "128M", "--workload", "ab", "--downtime-limit", "1",
+             "--bandwidth", "64"], tmp_path / "report.json")
+        assert returncode == 130, stderr
         assert report["status"] == "cancelled"
         assert report["source-vm"] == "running"
         assert report["phase-history"][-1] == "rolled-back"

@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--tech", default="plain", help="plain, sev or sev-es")
     start.add_argument("--workload", default="ab", help="ab, idle, regs or dirty:RATE")
     start.add_argument("--qmp", required=True, metavar="PATH", help="QMP socket to create")
-    start.add_argument("--run-dir", metavar="DIR", help="where RAM and bitmap files go "
+    start.add_argument("--run-dir", metavar="DIR", help="where RAM and dirty-page files go "
                        "(default: the QMP socket's directory)")
     start.add_argument("--incoming", action="store_true", help="start as a migration target")
     start.add_argument("-S", dest="paused", action="store_true", help="do not start the vCPUs")

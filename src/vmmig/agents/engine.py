@@ -76,12 +76,10 @@ def _map(path: str, size: int, *, writable: bool) -> mmap.mmap:
     return mapping
 
 
-def _sync_dirty(monitor: MachineMonitor, bitmap: mmap.mmap, pages: int) -> np.ndarray:
-    """Collect the machine's dirty log and return the dirty page numbers."""
-    if not monitor.cmd("x-dirty-log-sync")["dirty"]:
-        return np.empty(0, dtype=np.uint64)
-    bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")[:pages]
-    return np.flatnonzero(bits).astype(np.uint64)
+def _sync_dirty(monitor: MachineMonitor, dirty_file: mmap.mmap) -> np.ndarray:
+    """Collect the machine's dirty log and return the dirty page numbers (a copy)."""
+    count = int(monitor.cmd("x-dirty-log-sync")["dirty"])
+    return np.frombuffer(dirty_file, dtype="<u8", count=count).astype(np.uint64)
 
 
 def _send_pages(channel: Channel, batcher: PageBatcher, pages: np.ndarray, *,
@@ -121,8 +119,8 @@ class SourceEngine:
         self.total_pages = size // PAGE
         monitor.cmd("x-dirty-log-start")
         self._ram = _map(memory["ram-path"], size, writable=False)
-        self._bitmap = _map(memory["dirty-bitmap-path"], (self.total_pages + 7) // 8,
-                            writable=False)
+        self._dirty_file = _map(memory["dirty-pages-path"], self.total_pages * 8,
+                                writable=False)
         self.batcher = PageBatcher(ram_pages(self._ram))
         self.rounds: list[RoundStats] = []
         self._dirty = np.arange(self.total_pages, dtype=np.uint64)
@@ -137,7 +135,7 @@ class SourceEngine:
             sent = _send_pages(self.channel, self.batcher, self._dirty,
                                bandwidth_cap=self.limits.bandwidth_cap, started=started)
             pages = len(self._dirty)
-            self._dirty = _sync_dirty(self.monitor, self._bitmap, self.total_pages)
+            self._dirty = _sync_dirty(self.monitor, self._dirty_file)
             seconds = time.monotonic() - round_start
             decision = policy.round_done(RoundResult(sent, seconds, len(self._dirty)))
             if decision.throttle != (self.rounds[-1].throttle if self.rounds else 0):
@@ -154,7 +152,7 @@ class SourceEngine:
         """Pause the guest and send every page still dirty; returns how many."""
         self._stopped_at = time.monotonic()
         self.monitor.cmd("stop")
-        last = _sync_dirty(self.monitor, self._bitmap, self.total_pages)
+        last = _sync_dirty(self.monitor, self._dirty_file)
         pages = np.union1d(self._dirty, last)
         # Stop-and-copy runs at full speed: the guest is down.
         _send_pages(self.channel, self.batcher, pages)

@@ -9,10 +9,10 @@ QEMU, only through its QMP socket.  QEMU's command names where QEMU has one
     RAM size, and the path of a plain VM's RAM file, which the host may map.
 ``x-dirty-log-start`` / ``x-dirty-log-sync`` / ``x-dirty-log-stop``
     The kernel's dirty log over guest RAM.  A sync collects and re-arms it
-    atomically and writes the dirty pages as a bitmap (one bit per page,
-    little-endian bit order) into ``<run-dir>/<name>.dirty``, which the host
-    maps; it returns how many pages are dirty.  The bitmap keeps the reply
-    small whatever the dirty count.
+    atomically and writes the dirty page numbers (little-endian u64, in
+    ascending order) at the start of ``<run-dir>/<name>.dirty``, which the
+    host maps; it returns how many there are.  The file keeps the reply small
+    whatever the dirty count, and a sync costs O(dirty pages), not O(RAM).
 ``x-cpu-throttle``
     Make the vCPUs sleep a percentage of the time (QEMU's auto-converge throttle).
 ``x-vcpu-state-export`` / ``x-vcpu-state-import``
@@ -87,7 +87,7 @@ class MachineConfig:
     :ivar tech: the technology protecting the guest.
     :ivar workload: ``ab``, ``idle``, ``regs`` or ``dirty:RATE``.
     :ivar incoming: start as a migration target: no program, vCPUs wait for their state.
-    :ivar run_dir: where the RAM file and dirty bitmap live.
+    :ivar run_dir: where the RAM file and dirty page list live.
     :ivar qmp: the QMP socket to create; ``<run_dir>/<name>.qmp`` by default.
     :ivar sev: the launch inputs of an ``sev`` or ``sev-es`` machine.
     """
@@ -179,8 +179,8 @@ class Machine:
         #: Receives QMP events (name, data); the process wires it to its QMP server.
         self.on_event: Callable[[str, Mapping[str, object] | None], None] = lambda _e, _d: None
         self._dirty_log: DirtyLog | None = None
-        self._bitmap_path = config.run_dir / f"{config.name}.dirty"
-        self._bitmap: mmap.mmap | None = None
+        self._dirty_path = config.run_dir / f"{config.name}.dirty"
+        self._dirty_pages: mmap.mmap | None = None
         #: The SEV guest context (PSP, handle, measurement); None for plain.
         self.sev: SevGuest | None = None
         if not config.incoming:
@@ -278,27 +278,24 @@ class Machine:
         """RAM size and, for a plain VM, the file the host may map."""
         path = self.memory.path
         return {"size": self.memory.size, "ram-path": None if path is None else str(path),
-                "encrypted": self.memory.encrypted, "dirty-bitmap-path": str(self._bitmap_path)}
+                "encrypted": self.memory.encrypted, "dirty-pages-path": str(self._dirty_path)}
 
     def dirty_log_start(self) -> dict[str, object]:
         """Start dirty logging; the first sync reports what was written since."""
         if self._dirty_log is None:
             self._dirty_log = open_dirty_log(self.memory.ram)
-            size = (self.memory.size // PAGE + 7) // 8
-            with self._bitmap_path.open("w+b") as stream:
+            size = self.memory.size // PAGE * 8  # room for every page number
+            with self._dirty_path.open("w+b") as stream:
                 stream.truncate(size)
-                self._bitmap = mmap.mmap(stream.fileno(), size)
+                self._dirty_pages = mmap.mmap(stream.fileno(), size)
         return {"method": self._dirty_log.method}
 
     def dirty_log_sync(self) -> dict[str, object]:
-        """Collect and re-arm the dirty log; the pages go to the bitmap file."""
-        if self._dirty_log is None or self._bitmap is None:
+        """Collect and re-arm the dirty log; the page numbers go to the dirty file."""
+        if self._dirty_log is None or self._dirty_pages is None:
             raise QmpCommandError("GenericError", "dirty logging is not started")
-        pages = self._dirty_log.collect()
-        bits = np.zeros(self.memory.size // PAGE, dtype=bool)
-        bits[pages] = True
-        packed = np.packbits(bits, bitorder="little")
-        self._bitmap[:len(packed)] = packed.tobytes()
+        pages = np.asarray(self._dirty_log.collect(), dtype="<u8")
+        self._dirty_pages[:pages.nbytes] = pages.tobytes()
         return {"dirty": len(pages)}
 
     def dirty_log_stop(self) -> None:
@@ -306,9 +303,9 @@ class Machine:
         if self._dirty_log is not None:
             self._dirty_log.close()
             self._dirty_log = None
-        if self._bitmap is not None:
-            self._bitmap.close()
-            self._bitmap = None
+        if self._dirty_pages is not None:
+            self._dirty_pages.close()
+            self._dirty_pages = None
 
     # -- CPU state -------------------------------------------------------------------
 
@@ -373,7 +370,7 @@ class Machine:
         for vcpu in self.vcpus:
             vcpu.stop(PAUSE_TIMEOUT)
         self.dirty_log_stop()
-        self._bitmap_path.unlink(missing_ok=True)
+        self._dirty_path.unlink(missing_ok=True)
         if self.sev is not None:
             self.sev.close()
         self.memory.close()

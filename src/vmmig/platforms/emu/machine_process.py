@@ -7,7 +7,7 @@ caller's work directory::
     <workdir>/<name>.qmp     QMP socket
     <workdir>/<name>.log     the process's output
     <workdir>/<name>.ram     guest RAM of a plain VM (the host may map it)
-    <workdir>/<name>.dirty   the dirty bitmap, while dirty logging runs
+    <workdir>/<name>.dirty   the dirty page numbers, while dirty logging runs
 """
 
 from __future__ import annotations
