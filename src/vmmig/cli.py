@@ -29,6 +29,8 @@ __all__ = ["main", "summary"]
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
 #: Plan fields an agent takes as options: the source's precopy limits.
 _AGENT_LIMITS = ("downtime-limit", "bandwidth", "auto-converge")
+#: Plan fields ``emu start`` takes as options: the PSP's cost model.
+_PSP_COST = ("psp-latency", "psp-rate")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="the emulated host's PSP state, shared by its machines")
     sev.add_argument("--amd-root", metavar="DIR",
                      help="the emulated AMD root, shared by the hosts (default: --host-dir)")
+    _add_plan_options(sev, _PSP_COST)
 
     agent = sub.add_parser("agent", help="one side of a migration's data path (run by vmmig)")
     agent.add_argument("role", choices=("source", "target"))
@@ -85,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_plan_options(parser: argparse.ArgumentParser,
+def _add_plan_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
                       names: Sequence[str] | None = None) -> None:
     """One option per plan field (those in ``names`` only, if given), unset by default."""
     for field in plan_fields():
@@ -164,11 +167,13 @@ def _run(plan: MigrationPlan, host: PluginHost) -> int:
 def _emu_start(args: argparse.Namespace) -> int:
     from vmmig.platforms.emu.machine import MachineConfig  # noqa: PLC0415 (Unicorn is heavy)
     from vmmig.platforms.emu.process import serve  # noqa: PLC0415
+    from vmmig.platforms.emu.psp import PspCostModel  # noqa: PLC0415
     from vmmig.platforms.emu.sev_launch import SevConfig  # noqa: PLC0415
 
     qmp = Path(args.qmp)
     # Parsed and checked as the plan's fields are, with the same one-line errors.
-    sizes = load_plan(None, {"memory": args.memory, "vcpus": args.vcpus})
+    sizes = load_plan(None, {"memory": args.memory, "vcpus": args.vcpus,
+                             **_plan_options(args, _PSP_COST)})
     config = MachineConfig(
         name=args.name,
         memory=sizes.memory,
@@ -181,7 +186,8 @@ def _emu_start(args: argparse.Namespace) -> int:
         sev=SevConfig.from_options(args.tech, policy=args.policy,
                                    dh_cert_file=args.dh_cert_file,
                                    session_file=args.session_file, host_dir=args.host_dir,
-                                   amd_root=args.amd_root),
+                                   amd_root=args.amd_root,
+                                   cost=PspCostModel(sizes.psp_latency, sizes.psp_rate)),
     )
     asyncio.run(serve(config, paused=args.paused))
     return EXIT_OK

@@ -93,6 +93,25 @@ def _workload(value: object) -> str:
     return value
 
 
+def _rate(value: object) -> int:
+    rate = parse_size(value)
+    if rate <= 0:
+        raise ValueError(f"must be more than 0 bytes per second, got {value!r}")
+    return rate
+
+
+def _microseconds(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected microseconds, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"expected microseconds, got {value!r}") from None
+    if not 0 <= number < float("inf"):
+        raise ValueError(f"must be 0 or more microseconds, got {value}")
+    return number
+
+
 def _uri(value: object) -> str:
     if not isinstance(value, str) or not re.match(r"^(tcp:[^:]+:\d+|unix:/.+)$", value):
         raise ValueError(f"expected tcp:HOST:PORT or unix:/PATH, got {value!r}")
@@ -144,6 +163,11 @@ class MigrationPlan:
     migrate_uri: str | None = _field(None, _uri, "URI the source connects to "
                                      "(default: where the target listens)", "URI")
     json: str | None = _field(None, _text, "write the report as JSON to this file", "FILE")
+    # The emulated PSP's cost model; defaults are assumptions (vmmig.platforms.emu.psp.cost).
+    psp_latency: float = _field(15.0, _microseconds, "emulated PSP: latency per command in "
+                                "microseconds (an assumption)", "US")
+    psp_rate: int = _field(50_000_000, _rate, "emulated PSP: guest data per second, e.g. "
+                           "50M (an assumption)", "SIZE")
 
 
 def plan_fields() -> tuple[PlanField, ...]:

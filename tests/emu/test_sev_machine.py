@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import attrs
 import pytest
 from psp_support import amd_root, make_psp, owner_session
 from qemu.qmp import ExecuteError, QMPClient
@@ -31,6 +32,7 @@ from vmmig.platforms.emu.psp import (
     Measurement,
     PlatformChain,
     Policy,
+    PspCostModel,
     build_secret_packet,
     expected_measurement,
     launch_digest,
@@ -123,6 +125,21 @@ def machines(tmp_path, host):
 
 
 class TestLaunch:
+    def test_the_psp_cost_model_is_the_configured_one(self, machines):
+        """--psp-latency/--psp-rate reach the host's PSP: its modelled time follows them."""
+        slow = PspCostModel(latency_per_command_us=1000, bytes_per_second=1e6)
+        machine, _ = machines("sev")
+        fast_seconds = machine.sev.psp.modelled_seconds
+        config = attrs.evolve(machine.config, sev=attrs.evolve(machine.config.sev, cost=slow),
+                              name="slow")
+        slow_machine = Machine(config)
+        try:
+            # The launch moves the first MiB: a second at 1 MB/s, against 20 ms at 50 MB/s.
+            assert slow_machine.sev.psp.cost == slow
+            assert slow_machine.sev.psp.modelled_seconds > 1.0 > 10 * fast_seconds
+        finally:
+            slow_machine.close()
+
     @pytest.mark.parametrize("tech", ["sev", "sev-es"])
     def test_the_measurement_covers_image_and_policy(self, machines, host, tech):
         """The owner's expected measurement matches; for another workload it does not."""

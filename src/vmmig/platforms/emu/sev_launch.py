@@ -59,6 +59,7 @@ from vmmig.platforms.emu.psp import (
     Measurement,
     Policy,
     Psp,
+    PspCostModel,
     PspError,
     PspStatus,
 )
@@ -103,6 +104,7 @@ class SevConfig:
     :ivar session: the owner's launch session blob (decoded ``session-file``).
     :ivar host_dir: the host's PSP state directory.
     :ivar amd_root: the emulated AMD root's directory; None for ``host_dir``.
+    :ivar cost: the PSP's modelled command cost (documented assumptions).
     """
 
     policy: Policy
@@ -110,6 +112,7 @@ class SevConfig:
     session: bytes = attrs.field(repr=False)
     host_dir: Path
     amd_root: Path | None = None
+    cost: PspCostModel = attrs.Factory(PspCostModel)
 
     @classmethod
     def from_options(
@@ -121,6 +124,7 @@ class SevConfig:
         session_file: str | None,
         host_dir: str | None,
         amd_root: str | None,
+        cost: PspCostModel | None = None,
     ) -> SevConfig | None:
         """The launch inputs ``vmmig emu start`` was given; None for a plain machine.
 
@@ -142,6 +146,7 @@ class SevConfig:
             session=_read_base64("session-file", _required("session-file", session_file, tech)),
             host_dir=host,
             amd_root=None if amd_root is None else Path(amd_root),
+            cost=cost or PspCostModel(),
         )
         check_sev_config(tech, config)
         return config
@@ -202,7 +207,8 @@ def check_sev_config(tech: str, sev: SevConfig | None) -> None:
                           "machine (--tech sev-es)")
 
 
-def host_psp(host_dir: Path, amd_root: Path | None = None) -> Psp:
+def host_psp(host_dir: Path, amd_root: Path | None = None, *,
+             cost: PspCostModel | None = None) -> Psp:
     """The PSP of the emulated host kept in ``host_dir``, created on first use.
 
     The host is named after the directory; ``amd_root`` (default
@@ -219,11 +225,11 @@ def host_psp(host_dir: Path, amd_root: Path | None = None) -> Psp:
     """
     name = host_dir.resolve().name
     try:
-        return Psp.load_or_create(host_dir, host_name=name)
+        return Psp.load_or_create(host_dir, host_name=name, cost=cost)
     except PlatformError:
         # No identity yet, most likely; any other problem the second try reports again.
         root = EmulatedAmdRoot.load_or_create(host_dir if amd_root is None else amd_root)
-        return Psp.load_or_create(host_dir, host_name=name, root=root)
+        return Psp.load_or_create(host_dir, host_name=name, root=root, cost=cost)
 
 
 def launch_chunks(ram: Buffer, vmsas: Sequence[Vmsa], *, es: bool) -> list[bytes]:
@@ -313,7 +319,7 @@ class SevGuest:
             them, for SEV the caller does, as KVM_SET_REGS.
         :raises ConfigError: the PSP refused the owner's launch inputs.
         """
-        psp = host_psp(config.host_dir, config.amd_root)
+        psp = host_psp(config.host_dir, config.amd_root, cost=config.cost)
         port = PspPort(memory, vcpus)
         try:
             handle = psp.launch_start(
