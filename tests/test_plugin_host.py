@@ -96,6 +96,13 @@ class TestSelection:
         with pytest.raises(UnsupportedError, match="does not run on platform 'qemu'"):
             PluginHost().select("toy", "qemu")
 
+    def test_a_feature_the_technology_lacks_on_the_platform_is_refused(self):
+        """multifd is QEMU's: plain has it on qemu, not on emu, and says so before any VM."""
+        host = PluginHost(entry_points=False)
+        assert host.select("plain", "qemu", ["multifd", "auto-converge"]) is not None
+        with pytest.raises(UnsupportedError, match="'plain' on emu does not support multifd"):
+            host.select("plain", "emu", ["auto-converge", "multifd"])
+
     def test_missing_required_hooks_are_named(self, toy_distribution):
         """A technology lacking required step hooks is refused before any VM starts."""
         with pytest.raises(PluginError, match="vmmig_transfer_memory"):

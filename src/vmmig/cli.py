@@ -241,4 +241,6 @@ def _print_plugins(host: PluginHost) -> None:
             print(f"    platforms: {', '.join(tech.platforms)}")
             if tech.features:
                 print(f"    features: {', '.join(sorted(tech.features))}")
+            for platform, extra in sorted(tech.platform_features.items()):
+                print(f"    features on {platform}: {', '.join(sorted(extra))}")
         print(f"  hooks: {', '.join(info.hooks)}")

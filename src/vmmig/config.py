@@ -21,7 +21,7 @@ from vmmig.errors import ConfigError
 
 
 __all__ = ["MigrationPlan", "PlanField", "load_plan", "parse_size", "plan_fields",
-           "precopy_limits"]
+           "precopy_limits", "requested_features"]
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -211,6 +211,13 @@ def _convert(field: PlanField, raw: object, where: str) -> object:
         return field.parse(raw)
     except ValueError as err:
         raise ConfigError(where, str(err)) from None
+
+
+def requested_features(plan: MigrationPlan) -> tuple[str, ...]:
+    """The optional features a plan asks of its technology (options set off their default)."""
+    wanted = {"auto-converge": plan.auto_converge, "bandwidth": plan.bandwidth > 0,
+              "multifd": plan.multifd_channels > 0}
+    return tuple(feature for feature, asked in wanted.items() if asked)
 
 
 def precopy_limits(plan: MigrationPlan) -> PrecopyLimits:

@@ -145,11 +145,13 @@ class PluginHost:
             found[tech.name] = (tech, impl.plugin)
         return found
 
-    def select(self, name: str, platform: str) -> TechnologyHooks:
+    def select(self, name: str, platform: str, features: Iterable[str] = ()) -> TechnologyHooks:
         """The hooks of technology ``name`` on ``platform``, checked before any VM starts.
 
-        :raises UnsupportedError: unknown technology, wrong platform, missing
-            required hooks, or a technology that says it is not available.
+        :param features: the optional features the plan asks for.
+        :raises UnsupportedError: unknown technology, wrong platform, a feature
+            it lacks there, missing required hooks, or a technology that says it
+            is not available.
         """
         techs = self.technologies()
         if name not in techs:
@@ -161,6 +163,10 @@ class PluginHost:
         if platform not in tech.platforms:
             raise UnsupportedError(f"technology {name!r} does not run on platform {platform!r}; "
                                    f"it runs on: {', '.join(tech.platforms)}")
+        lacking = [feature for feature in features if not tech.supports(feature, platform)]
+        if lacking:
+            raise UnsupportedError(f"technology {name!r} on {platform} does not support "
+                                   f"{', '.join(lacking)}")
         excluded = tuple(p for t, p in techs.values() if p is not plugin)
         hooks = TechnologyHooks(tech, self.pm, excluded)
         missing = [hook for hook in REQUIRED_STEPS if not hooks.implements(hook)]

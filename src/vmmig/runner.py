@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from vmmig.config import MigrationPlan
+from vmmig.config import MigrationPlan, requested_features
 from vmmig.core import events as ev
 from vmmig.core.actions import Action, Finish, RollBack, RunStep
 from vmmig.core.machine import MigrationMachine
@@ -188,7 +188,7 @@ async def run_migration(plan: MigrationPlan, host: PluginHost, *,
     :raises VmmigError: when the technology or platform cannot run; nothing
         was started then.
     """
-    hooks = host.select(plan.tech, plan.platform)
+    hooks = host.select(plan.tech, plan.platform, requested_features(plan))
     interrupts = _Interrupts()
     with interrupts.installed():
         try:

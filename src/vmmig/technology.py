@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import attrs
 
@@ -36,7 +36,9 @@ class Technology:
     :ivar name: what ``--tech`` selects, e.g. ``"sev-es"``.
     :ivar summary: one line for ``vmmig plugins``.
     :ivar platforms: platforms on which its hooks work.
-    :ivar features: optional features it supports (e.g. ``"auto-converge"``).
+    :ivar features: optional features it supports everywhere (e.g. ``"auto-converge"``).
+    :ivar platform_features: more features it supports on one platform only
+        (``plain`` has ``multifd`` on ``qemu``, where QEMU provides it).
     :ivar unavailable: if set, why it cannot run yet; selecting it stops
         with this message before any VM is touched.
     """
@@ -45,7 +47,12 @@ class Technology:
     summary: str
     platforms: tuple[str, ...] = attrs.field(converter=_names)
     features: frozenset[str] = attrs.field(converter=_feature_set, factory=frozenset)
+    platform_features: Mapping[str, frozenset[str]] = attrs.field(factory=dict)
     unavailable: str | None = None
+
+    def supports(self, feature: str, platform: str) -> bool:
+        """Whether ``feature`` works with this technology on ``platform``."""
+        return feature in self.features or feature in self.platform_features.get(platform, ())
 
     @platforms.validator
     def _check_platforms(self, _attr: attrs.Attribute[tuple[str, ...]],

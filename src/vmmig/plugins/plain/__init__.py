@@ -40,7 +40,8 @@ def vmmig_technology() -> Technology:
         summary="unprotected guests; on qemu, QEMU's own precopy migration; on emu, "
                 "vmmig's precopy engine",
         platforms=("qemu", "emu"),
-        features={"auto-converge", "multifd", "bandwidth", "downtime-limit"},
+        features={"auto-converge", "bandwidth", "downtime-limit"},
+        platform_features={"qemu": frozenset({"multifd"})},
     )
 
 
