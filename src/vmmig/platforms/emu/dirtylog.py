@@ -42,11 +42,18 @@ engine asks, round after round, which pages were written since it last asked.
     again.
 
 Either way, read a reported page's content after ``collect()`` returns.
+
+Pages given a new backing in place (``mmap`` with ``MAP_FIXED``, as an SEV
+guest's page conversion does) leave the kernel's log: the new mapping is
+not registered.  Replace them inside :meth:`DirtyLog.replacing`, which
+holds collections off meanwhile, logs the pages again and reports them
+at the next collection (their content changed without a write).
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import ctypes
 import fcntl
 import functools
@@ -54,6 +61,7 @@ import logging
 import mmap
 import os
 import threading
+from collections.abc import Iterator
 from types import TracebackType
 from typing import ClassVar, Final, Literal, Self
 
@@ -182,6 +190,8 @@ class DirtyLog(abc.ABC):
         self.pages = len(buffer) // page_size
         self._lock = threading.Lock()
         self._closed = False
+        # Pages given a new backing since the last collection (see replacing).
+        self._replaced: list[PageIndices] = []
 
     @abc.abstractmethod
     def collect(self) -> PageIndices:
@@ -194,6 +204,32 @@ class DirtyLog(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Stop logging and release the mapping; idempotent."""
+
+    @contextlib.contextmanager
+    def replacing(self, first: int, count: int) -> Iterator[None]:
+        """Hold the log while pages ``[first, first + count)`` get a new backing in place.
+
+        No collection runs meanwhile; when the block ends without an error
+        the pages are logged again and the next collection reports them.
+        Nothing to do on a closed log.
+        """
+        with self._lock:
+            yield
+            if not self._closed:
+                self._rearm(first, count)
+                self._replaced.append(np.arange(first, first + count, dtype=np.uint64))
+
+    @abc.abstractmethod
+    def _rearm(self, first: int, count: int) -> None:
+        """Log pages that have a new mapping again; lock held."""
+
+    def _with_replaced(self, pages: PageIndices) -> PageIndices:
+        """``pages`` and the pages replaced since the last collection, sorted; lock held."""
+        if not self._replaced:
+            return pages
+        merged = np.union1d(pages, np.concatenate(self._replaced)).astype(np.uint64)
+        self._replaced.clear()
+        return merged
 
     def _check_open(self) -> None:
         if self._closed:
@@ -334,7 +370,12 @@ class _UffdWpLog(DirtyLog):
                         ((regions["end"] - self._start) // mmap.PAGESIZE).astype(np.intp))
         if self.page_size != mmap.PAGESIZE:
             pages = np.unique(pages // (self.page_size // mmap.PAGESIZE))
-        return pages.astype(np.uint64)
+        with self._lock:
+            return self._with_replaced(pages.astype(np.uint64))
+
+    def _rearm(self, first: int, count: int) -> None:
+        """Register and write-protect the new mapping of the pages."""
+        _protect(self._uffd, self._start + first * self.page_size, count * self.page_size)
 
     def close(self) -> None:
         """Close the userfaultfd, which unregisters the mapping, and release it."""
@@ -372,7 +413,10 @@ class _CompareLog(DirtyLog):
                 changed = np.flatnonzero(differs.any(axis=1))
                 copy[changed] = live[changed]
                 found.append(changed + first)
-            return np.concatenate(found).astype(np.uint64)
+            return self._with_replaced(np.concatenate(found).astype(np.uint64))
+
+    def _rearm(self, first: int, count: int) -> None:
+        """Nothing to register: the comparison reads through the mapping, whatever backs it."""
 
     def close(self) -> None:
         """Drop the copy and release the mapping."""

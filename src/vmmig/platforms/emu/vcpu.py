@@ -36,6 +36,17 @@ microseconds the guest has nothing to do, and its thread waits that long
 stop) instead of spinning, as a real vCPU would sit in HLT until its timer.
 These hooks fire on ``out``, exceptions and bad accesses only, never on
 ordinary instructions.
+
+Hypercalls.  ``vmmcall`` (0F 01 D9, AMD's) is KVM's hypercall: number in
+RAX, arguments in RBX, RCX, RDX and RSI, result in RAX.  Unicorn has no
+instruction hook for it: it raises #UD, which Unicorn reports as an invalid
+instruction (not through the interrupt hook); the vCPU's invalid-instruction
+hook recognises the bytes at RIP (code assumed identity-mapped, as for
+HLT), calls ``on_hypercall`` in the vCPU's thread, puts the result in RAX,
+steps over the instruction and continues in the same slice.  Without a
+handler every hypercall answers ``-KVM_ENOSYS`` (-1000), as KVM answers an
+unknown one.  SEV-ES guests would use the GHCB instead; here they use
+``vmmcall`` too.
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ from unicorn import x86_const as x86
 from unicorn.unicorn_const import (
     UC_ARCH_X86,
     UC_HOOK_INSN,
+    UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
     UC_HOOK_MEM_INVALID,
     UC_MEM_FETCH_PROT,
@@ -73,11 +85,18 @@ from vmmig.errors import PlatformError
 from vmmig.platforms.emu.vmsa import XMM_COUNT, Segment, Vmsa
 
 
-__all__ = ["IDLE_PORT", "MAX_IDLE_US", "MAX_THROTTLE", "SLICE", "PortWriteHandler", "Vcpu",
-           "VcpuState", "tsc_hz"]
+__all__ = ["IDLE_PORT", "KVM_ENOSYS", "MAX_IDLE_US", "MAX_THROTTLE", "SLICE", "VMMCALL",
+           "HypercallHandler", "PortWriteHandler", "Vcpu", "VcpuState", "tsc_hz"]
 
 #: ``on_port_write(port, size, value)``: a guest ``out`` of ``size`` bytes.
 PortWriteHandler = Callable[[int, int, int], None]
+#: ``on_hypercall(number, (a0, a1, a2, a3))`` -> the result for RAX (negative: -errno).
+HypercallHandler = Callable[[int, tuple[int, int, int, int]], int]
+
+#: AMD's hypercall instruction.
+VMMCALL: Final = b"\x0f\x01\xd9"
+#: KVM's "no such hypercall" (include/uapi/linux/kvm_para.h); RAX gets its negation.
+KVM_ENOSYS: Final = 1000
 
 #: Port whose 32-bit ``out`` value is a number of microseconds to idle.
 IDLE_PORT: Final = 0xE0
@@ -168,16 +187,20 @@ class Vcpu:
     :param ram_base_gpa: the guest-physical address of the RAM's first byte.
     :param on_port_write: called in the vCPU's thread for each ``out`` the
         vCPU does not handle itself; an exception it raises crashes the vCPU.
+    :param on_hypercall: called in the vCPU's thread for each ``vmmcall``;
+        an exception it raises crashes the vCPU.
     :raises ValueError: the RAM or its base is not whole pages.
     """
 
     def __init__(self, index: int, ram: mmap.mmap, ram_base_gpa: int = 0, *,
-                 on_port_write: PortWriteHandler | None = None) -> None:
+                 on_port_write: PortWriteHandler | None = None,
+                 on_hypercall: HypercallHandler | None = None) -> None:
         if not len(ram) or len(ram) % PAGE_SIZE or ram_base_gpa % PAGE_SIZE:
             raise ValueError(f"vCPU RAM must be whole pages at a page boundary, not "
                              f"{len(ram)} bytes at {ram_base_gpa:#x}")
         self.index = index
         self._on_port_write = on_port_write
+        self._on_hypercall = on_hypercall
         self._uc = Uc(UC_ARCH_X86, UC_MODE_64)
         # A ctypes view exports the mmap's buffer: while it lives, mmap.close()
         # raises instead of unmapping memory Unicorn still writes to.
@@ -187,6 +210,7 @@ class Vcpu:
         self._uc.hook_add(UC_HOOK_INSN, self._out_hook, None, 1, 0, x86.UC_X86_INS_OUT)
         self._uc.hook_add(UC_HOOK_INTR, self._exception_hook)
         self._uc.hook_add(UC_HOOK_MEM_INVALID, self._bad_access_hook)
+        self._uc.hook_add(UC_HOOK_INSN_INVALID, self._hypercall_hook)
 
         self._cond = threading.Condition()
         self._state = VcpuState.PAUSED
@@ -438,6 +462,33 @@ class Vcpu:
             where += f", address {self._reg(x86.UC_X86_REG_CR2):#x}"
         self._fault = f"CPU exception {name} (vector {vector}) at {where}"
         uc.emu_stop()
+
+    def _hypercall_hook(self, uc: Uc, _data: object) -> bool:
+        """An invalid instruction: emulate a ``vmmcall``; anything else crashes the vCPU.
+
+        :returns: True when handled (execution continues after the ``vmmcall``).
+        """
+        rip = self._reg(x86.UC_X86_REG_RIP)
+        try:
+            if uc.mem_read(rip, len(VMMCALL)) != VMMCALL:
+                return False
+        except UcError:  # the instruction straddles the end of RAM: not ours
+            return False
+        number = self._reg(x86.UC_X86_REG_RAX)
+        reg = self._reg
+        args = (reg(x86.UC_X86_REG_RBX), reg(x86.UC_X86_REG_RCX), reg(x86.UC_X86_REG_RDX),
+                reg(x86.UC_X86_REG_RSI))
+        if self._on_hypercall is None:
+            result = -KVM_ENOSYS
+        else:
+            try:
+                result = self._on_hypercall(number, args)
+            except Exception as err:  # the guest must not take the machine down
+                self._fault = f"hypercall {number} handler failed at rip={rip:#x}: {err!r}"
+                return False
+        uc.reg_write(x86.UC_X86_REG_RAX, result % (1 << 64))
+        uc.reg_write(x86.UC_X86_REG_RIP, rip + len(VMMCALL))
+        return True
 
     def _bad_access_hook(self, _uc: Uc, access: int, address: int, size: int, _value: int,
                          _data: object) -> bool:
