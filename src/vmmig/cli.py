@@ -187,7 +187,8 @@ def _emu_start(args: argparse.Namespace) -> int:
                                    dh_cert_file=args.dh_cert_file,
                                    session_file=args.session_file, host_dir=args.host_dir,
                                    amd_root=args.amd_root,
-                                   cost=PspCostModel(sizes.psp_latency, sizes.psp_rate)),
+                                   cost=PspCostModel(sizes.psp_latency, sizes.psp_rate),
+                                   incoming=args.incoming),
     )
     asyncio.run(serve(config, paused=args.paused))
     return EXIT_OK

@@ -100,8 +100,11 @@ class SevConfig:
     """The launch inputs of an SEV machine: QEMU's ``sev-guest`` properties.
 
     :ivar policy: the guest policy (ES set exactly for SEV-ES).
-    :ivar dh_cert: the owner's DH certificate (decoded ``dh-cert-file``).
-    :ivar session: the owner's launch session blob (decoded ``session-file``).
+    :ivar dh_cert: the owner's DH certificate (decoded ``dh-cert-file``);
+        empty for an incoming machine, whose guest context comes from the
+        source's SEND_START (:mod:`.sev_migration_qmp`).
+    :ivar session: the owner's launch session blob (decoded ``session-file``);
+        empty for an incoming machine.
     :ivar host_dir: the host's PSP state directory.
     :ivar amd_root: the emulated AMD root's directory; None for ``host_dir``.
     :ivar cost: the PSP's modelled command cost (documented assumptions).
@@ -125,8 +128,12 @@ class SevConfig:
         host_dir: str | None,
         amd_root: str | None,
         cost: PspCostModel | None = None,
+        incoming: bool = False,
     ) -> SevConfig | None:
         """The launch inputs ``vmmig emu start`` was given; None for a plain machine.
+
+        An ``incoming`` machine is launched by no owner: it takes no DH
+        certificate or session, only its host (and policy, for its technology).
 
         :raises ConfigError: an option is missing, unreadable or malformed,
             or given to a plain machine.
@@ -140,10 +147,23 @@ class SevConfig:
                                   f"{', '.join(extra)}; this one is {tech}")
             return None
         host = _required("host-dir", host_dir, tech)
+        if incoming:
+            launch_inputs = [f"--{name}" for name in ("dh-cert-file", "session-file")
+                             if given[name] is not None]
+            if launch_inputs:
+                raise ConfigError("incoming", f"an incoming {tech} machine takes no "
+                                  f"{', '.join(launch_inputs)}: its guest context comes from "
+                                  "the source's SEND_START (x-sev-receive-start)")
+            dh_cert = session = b""
+        else:
+            dh_cert = _read_base64("dh-cert-file",
+                                   _required("dh-cert-file", dh_cert_file, tech))
+            session = _read_base64("session-file",
+                                   _required("session-file", session_file, tech))
         config = cls(
             policy=_parse_policy(policy, tech),
-            dh_cert=_read_base64("dh-cert-file", _required("dh-cert-file", dh_cert_file, tech)),
-            session=_read_base64("session-file", _required("session-file", session_file, tech)),
+            dh_cert=dh_cert,
+            session=session,
             host_dir=host,
             amd_root=None if amd_root is None else Path(amd_root),
             cost=cost or PspCostModel(),
@@ -297,16 +317,17 @@ class PspPort:
 class SevGuest:
     """A machine's SEV guest context: its PSP, handle and launch measurement.
 
-    Build one with :meth:`launch`.  QEMU's SEV QMP commands read it
-    (:mod:`.sev_qmp`).
+    Build one with :meth:`launch`, or by RECEIVE_START (:mod:`.sev_migration_qmp`).
+    QEMU's SEV QMP commands read it (:mod:`.sev_qmp`).
     """
 
-    def __init__(self, psp: Psp, handle: int, port: PspPort, measurement: Measurement,
+    def __init__(self, psp: Psp, handle: int, port: PspPort, measurement: Measurement | None,
                  *, es: bool) -> None:
         self.psp = psp
         self.handle = handle
         self.port = port
-        #: LAUNCH_MEASURE's result, kept as QEMU keeps it for ``query-sev-launch-measure``.
+        #: LAUNCH_MEASURE's result, kept as QEMU keeps it for ``query-sev-launch-measure``;
+        #: None for a guest received by migration (never measured on this host).
         self.measurement = measurement
         self.es = es
 
