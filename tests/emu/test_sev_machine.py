@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import hmac
 import struct
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import attrs
 import pytest
-from psp_support import amd_root, make_psp, owner_session
+from psp_support import amd_root, make_psp
 from qemu.qmp import ExecuteError, QMPClient
+from sev_support import CANARY, MEMORY, MIB, SECRET, Owner, b64, machine_process, qmp
 
 from vmmig.cli import main
 from vmmig.errors import ConfigError
@@ -29,28 +25,15 @@ from vmmig.guests.ab_check import AB_START, INFO_ADDR, ab_passes, check_ab
 from vmmig.guests.emu import PROGRAM_GPA, build_program
 from vmmig.platforms.emu.machine import Machine, MachineConfig, launch_chunks_for
 from vmmig.platforms.emu.psp import (
-    Measurement,
     PlatformChain,
     Policy,
     PspCostModel,
-    build_secret_packet,
     expected_measurement,
     launch_digest,
     verify_chain,
 )
 from vmmig.platforms.emu.qmp_schema import QmpCommandError
-from vmmig.platforms.emu.sev_launch import SECRET_AREA, SevConfig
-
-
-MIB = 1 << 20
-MEMORY = 16 * MIB
-SECRET = b"owner's migration master secret, 64 bytes long, 0123456789abcdef"
-CANARY = b"hypervisor-canary-written-in-the-clear!!"
-POLICIES = {"sev": Policy(nodbg=True), "sev-es": Policy(nodbg=True, es=True)}
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+from vmmig.platforms.emu.sev_launch import SECRET_AREA
 
 
 @pytest.fixture(scope="module")
@@ -58,51 +41,6 @@ def host(tmp_path_factory):
     """One emulated host's PSP state directory (endorsed by the tests' AMD root) and its PSP."""
     hosts = tmp_path_factory.mktemp("sev-hosts")
     return hosts / "host-a", make_psp(hosts, "host-a")
-
-
-class Owner:
-    """The guest owner of one launch: the session it made for the host, its checks, its secret."""
-
-    def __init__(self, psp, tech: str, policy: Policy | None = None) -> None:
-        self.psp = psp
-        self.tech = tech
-        self.policy = POLICIES[tech] if policy is None else policy
-        self.session = owner_session(psp, self.policy)
-
-    def config(self, host_dir: Path, run_dir: Path, **kwargs) -> MachineConfig:
-        sev = SevConfig(self.policy, self.session.dh_cert, self.session.session, host_dir)
-        return MachineConfig(**{"name": "vm", "memory": MEMORY, "vcpus": 2, "tech": self.tech,
-                                "run_dir": run_dir, "sev": sev, **kwargs})
-
-    def options(self, where: Path) -> list[str]:
-        """``vmmig emu start`` options carrying this launch's inputs, as base64 files."""
-        (where / "dh.b64").write_text(_b64(self.session.dh_cert))
-        (where / "session.b64").write_text(_b64(self.session.session))
-        return ["--tech", self.tech, "--policy", hex(self.policy.value),
-                "--dh-cert-file", str(where / "dh.b64"),
-                "--session-file", str(where / "session.b64")]
-
-    def measurement_ok(self, blob: bytes, launched: MachineConfig) -> bool:
-        """Whether the reported blob is a genuine PSP's measurement of ``launched``."""
-        measurement = Measurement.from_bytes(blob)
-        expected = expected_measurement(
-            tik=self.session.tik, firmware=self.psp.firmware, policy=self.policy,
-            launch_digest=launch_digest(launch_chunks_for(launched)),
-            mnonce=measurement.mnonce)
-        return hmac.compare_digest(expected, measurement.measure)
-
-    def secret_args(self, blob: bytes, secret: bytes = SECRET) -> dict[str, str]:
-        """``sev-inject-launch-secret`` arguments carrying ``secret`` into the measured VM."""
-        header, ciphertext = build_secret_packet(self.session.tek, self.session.tik,
-                                                 Measurement.from_bytes(blob), secret)
-        return {"packet-header": _b64(header), "secret": _b64(ciphertext)}
-
-
-def qmp(machine: Machine, name: str, **arguments):
-    """Run a machine's QMP command in this process, arguments checked as the server does."""
-    command = machine.commands.get(name)
-    assert command is not None, name
-    return command.handler(**command.bind({k.replace("_", "-"): v for k, v in arguments.items()}))
 
 
 @pytest.fixture
@@ -216,7 +154,7 @@ class TestHypervisorAccess:
         machine, _ = machines(tech)
         gpa = 3 * MIB + 16
         before = machine.memory.ram[gpa - 16:gpa + 64]
-        qmp(machine, "x-memory-write", gpa=gpa, data=_b64(CANARY))
+        qmp(machine, "x-memory-write", gpa=gpa, data=b64(CANARY))
         guest = machine.memory.ram[gpa:gpa + len(CANARY)]
         assert (guest == CANARY) is lands
         touched = -(-len(CANARY) // 16) * 16
@@ -296,30 +234,6 @@ class TestCommandLine:
         assert err.count("\n") == 1
 
 
-@contextlib.asynccontextmanager
-async def machine_process(tmp_path: Path, *options: str):
-    """A ``vmmig emu start -S`` process of 16 MiB; yields a connected qemu.qmp client."""
-    socket_path = tmp_path / "vm.qmp"
-    argv = [sys.executable, "-m", "vmmig", "emu", "start", "--memory", "16M", "--smp", "2",
-            "--qmp", str(socket_path), "-S", *options]
-    with subprocess.Popen(argv, stderr=subprocess.PIPE) as process:
-        try:
-            deadline = time.monotonic() + 30
-            while not socket_path.exists():
-                assert process.poll() is None, process.stderr.read().decode()
-                assert time.monotonic() < deadline, "the machine opened no QMP socket"
-                await asyncio.sleep(0.02)
-            client = QMPClient("owner")
-            await client.connect(str(socket_path))
-            yield client
-            await client.execute("quit")
-            with contextlib.suppress(EOFError):
-                await client.disconnect()
-            assert process.wait(30) == 0
-        finally:
-            process.kill()
-
-
 async def _until_changes(client: QMPClient, gpa: int, size: int, first: str) -> str:
     """Read guest memory over QMP until it differs from ``first`` (bounded)."""
     deadline = time.monotonic() + 30
@@ -360,7 +274,7 @@ class TestOverQmp:
                 header[-1] ^= 1
                 with pytest.raises(ExecuteError, match="BAD_MEASUREMENT"):
                     await client.execute("sev-inject-launch-secret",
-                                         {**bad, "packet-header": _b64(header)})
+                                         {**bad, "packet-header": b64(header)})
                 assert (await client.execute("query-sev"))["state"] == "launch-secret"
                 await client.execute("sev-inject-launch-secret", owner.secret_args(blob))
                 secret_area = await client.execute(

@@ -13,7 +13,7 @@ import base64
 
 import pytest
 from psp_support import make_psp
-from test_sev_machine import MEMORY, POLICIES, Owner, machine_process, qmp
+from sev_support import MEMORY, POLICIES, Owner, b64, machine_process, qmp
 
 from vmmig.cli import main
 from vmmig.guests.ab_check import AB_START, ab_passes, check_ab
@@ -92,10 +92,6 @@ def _send_registers(source: Machine, target: Machine) -> None:
             qmp(target, "x-sev-receive-update-vmsa", vcpu=vcpu, **packet)
     else:
         qmp(target, "x-vcpu-state-import", vmsas=qmp(source, "x-vcpu-state-export"))
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def _host_view(machine: Machine, gpa: int, size: int = PAGE) -> bytes:
@@ -198,7 +194,7 @@ class TestRefusals:
         pdh = bytearray(base64.b64decode(caps["pdh"]))
         pdh[0x420] ^= 0x01  # inside SIG1, the PEK's signature over the body
         with pytest.raises(QmpCommandError, match="SEND_START: BAD_SIGNATURE"):
-            qmp(source, "x-sev-send-start", pdh_cert=_b64(bytes(pdh)),
+            qmp(source, "x-sev-send-start", pdh_cert=b64(bytes(pdh)),
                 plat_certs=caps["cert-chain"])
         assert qmp(source, "query-sev")["state"] == "running"
 
@@ -244,7 +240,7 @@ class TestRefusals:
         with pytest.raises(QmpCommandError,
                            match=r"^SEV: RECEIVE_UPDATE_DATA: BAD_MEASUREMENT \(0x"):
             qmp(target, "x-sev-receive-update-data", gpa=AB_START,
-                packet_header=packet["packet-header"], data=_b64(bytes(data)))
+                packet_header=packet["packet-header"], data=b64(bytes(data)))
         assert target.memory.ram[AB_START:AB_START + PAGE] == bytes(PAGE)
         qmp(target, "x-sev-receive-update-data", gpa=AB_START, **packet)
         assert target.memory.ram[AB_START:AB_START + PAGE] == source.memory.ram[

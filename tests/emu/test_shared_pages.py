@@ -17,7 +17,7 @@ import queue
 import numpy as np
 import pytest
 from psp_support import make_psp
-from test_sev_machine import MEMORY, Owner, qmp
+from sev_support import MEMORY, Owner, qmp
 
 from vmmig.guests.build import build_from_source
 from vmmig.guests.emu import PROGRAM_GPA, load_image

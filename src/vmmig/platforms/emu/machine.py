@@ -6,7 +6,12 @@ QEMU, only through its QMP socket.  QEMU's command names where QEMU has one
 ``x-`` prefix for what QEMU has no command for:
 
 ``x-query-memory``
-    RAM size, and the path of a plain VM's RAM file, which the host may map.
+    RAM size, and the path of a plain VM's RAM file, which the host may map;
+    of an SEV VM, the shared segment's path and its shared ranges.
+``x-query-shared``
+    The pages the guest shares (KVM_HC_MAP_GPA_RANGE), ``[{gpa, pages}]``;
+    each change is announced by an ``X_MEMORY_ATTRIBUTES`` event
+    (:mod:`.shared_pages`).
 ``x-dirty-log-start`` / ``x-dirty-log-sync`` / ``x-dirty-log-stop``
     The kernel's dirty log over guest RAM.  A sync collects and re-arms it
     atomically and writes the dirty page numbers (little-endian u64, in
@@ -29,7 +34,10 @@ SEV and SEV-ES machines (``--tech sev|sev-es``) launch through their host's
 emulated PSP as QEMU's ``sev-guest`` object does (:mod:`.sev_launch`), and
 serve QEMU's ``query-sev``, ``query-sev-capabilities``,
 ``query-sev-launch-measure`` and ``sev-inject-launch-secret``
-(:mod:`.sev_qmp`, which a plain machine answers with QEMU's errors).
+(:mod:`.sev_qmp`, which a plain machine answers with QEMU's errors).  They
+migrate through the PSP's own path with ``x-sev-send-*`` and, started with
+``--incoming`` (no guest context until then), ``x-sev-receive-*``
+(:mod:`.sev_migration_qmp`).
 
 Status follows QEMU's run states: ``running``, ``paused``, ``prelaunch`` (an
 SEV machine started with ``-S``: launched and measured, waiting for its
@@ -59,7 +67,9 @@ from vmmig.platforms.emu.memory import GuestMemory
 from vmmig.platforms.emu.psp import PspError
 from vmmig.platforms.emu.qmp_schema import CommandTable, QmpCommandError
 from vmmig.platforms.emu.sev_launch import SevConfig, SevGuest, check_sev_config, launch_chunks
+from vmmig.platforms.emu.sev_migration_qmp import SevMigrationCommands
 from vmmig.platforms.emu.sev_qmp import SevCommands
+from vmmig.platforms.emu.shared_pages import SharedPages
 from vmmig.platforms.emu.vcpu import MAX_THROTTLE, Vcpu, VcpuState
 from vmmig.platforms.emu.vmsa import Vmsa
 
@@ -163,17 +173,19 @@ class Machine:
 
     def __init__(self, config: MachineConfig) -> None:
         check_sev_config(config.tech, config.sev)
-        if config.sev is not None and config.incoming:
-            raise ConfigError("incoming", f"an {config.tech} migration target is launched and "
-                              "attested like any SEV guest; not supported yet")
         self.config = config
         if config.sev is None:
             self.memory = GuestMemory(config.memory, path=config.run_dir / f"{config.name}.ram")
         else:
-            self.memory = GuestMemory(config.memory, private=True)
+            self.memory = GuestMemory(config.memory, private=True,
+                                      shared_path=config.run_dir / f"{config.name}.shared")
         #: What the guest printed on COM1 (its progress marks).
         self.console = SerialConsole()
-        self.vcpus = [Vcpu(i, self.memory.ram, on_port_write=self.console.write)
+        self.shared_pages = SharedPages(self.memory, dirty_log=lambda: self._dirty_log,
+                                        # on_event is rebound once the QMP server runs
+                                        emit=lambda event, data: self.on_event(event, data))  # noqa: PLW0108
+        self.vcpus = [Vcpu(i, self.memory.ram, on_port_write=self.console.write,
+                           on_hypercall=self.shared_pages.hypercall)
                       for i in range(config.vcpus)]
         self.status = "inmigrate" if config.incoming else "paused"
         #: Receives QMP events (name, data); the process wires it to its QMP server.
@@ -201,7 +213,10 @@ class Machine:
             self.commands.add(name, handler)
         self.commands.add("x-memory-read", self.memory_read)
         self.commands.add("x-memory-write", self.memory_write)
-        SevCommands(self.sev).register(self.commands)
+        self.shared_pages.register(self.commands)
+        migration = SevMigrationCommands(self, config.sev, incoming=config.incoming)
+        migration.register(self.commands)
+        SevCommands(lambda: self.sev, migration.host).register(self.commands)
 
     def _boot(self, config: MachineConfig) -> None:
         """Load the workload and, for SEV, launch it through the PSP (``prelaunch``)."""
@@ -245,6 +260,9 @@ class Machine:
     def _resume_vcpus(self) -> None:
         vcpu = self.vcpus[0]
         if vcpu.state is VcpuState.PAUSED:
+            if self.sev is None and self.config.sev is not None:
+                raise QmpCommandError("GenericError", "SEV: no guest context: an incoming "
+                                      "guest runs after x-sev-receive-finish")
             if vcpu.vmsa.rip == 0:
                 raise QmpCommandError("GenericError", "vCPU 0 has no state to run")
             if self.sev is not None:
@@ -275,15 +293,17 @@ class Machine:
     # -- memory ----------------------------------------------------------------------
 
     def query_memory(self) -> dict[str, object]:
-        """RAM size and, for a plain VM, the file the host may map."""
+        """RAM size and the files the host may map: a plain VM's RAM, an SEV VM's shared pages."""
         path = self.memory.path
         return {"size": self.memory.size, "ram-path": None if path is None else str(path),
-                "encrypted": self.memory.encrypted, "dirty-pages-path": str(self._dirty_path)}
+                "encrypted": self.memory.encrypted, "dirty-pages-path": str(self._dirty_path),
+                **self.shared_pages.query_memory()}
 
     def dirty_log_start(self) -> dict[str, object]:
         """Start dirty logging; the first sync reports what was written since."""
         if self._dirty_log is None:
-            self._dirty_log = open_dirty_log(self.memory.ram)
+            with self.shared_pages.lock:  # no page changes backing before the log is known
+                self._dirty_log = open_dirty_log(self.memory.ram)
             size = self.memory.size // PAGE * 8  # room for every page number
             with self._dirty_path.open("w+b") as stream:
                 stream.truncate(size)
@@ -331,7 +351,7 @@ class Machine:
 
     def _require_register_access(self, action: str) -> None:
         """SEV-ES keeps registers in the encrypted VMSA: the hypervisor cannot get or set them."""
-        if self.sev is not None and self.sev.es:
+        if self.config.tech == "sev-es":
             raise QmpCommandError("GenericError", f"cannot {action}: an SEV-ES guest's "
                                   "registers are in its encrypted VMSA, out of the "
                                   "hypervisor's reach")
