@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("-m", "--memory", default="1G", metavar="SIZE", help="guest RAM")
     start.add_argument("--smp", "--vcpus", dest="vcpus", default="1", metavar="N")
     start.add_argument("--tech", default="plain", help="plain, sev or sev-es")
-    start.add_argument("--workload", default="ab", help="ab, idle, regs or dirty:RATE")
+    start.add_argument("--workload", default="ab",
+                       help="ab, fill, idle, regs or dirty:RATE[:random]")
     start.add_argument("--qmp", required=True, metavar="PATH", help="QMP socket to create")
     start.add_argument("--run-dir", metavar="DIR", help="where RAM and dirty-page files go "
                        "(default: the QMP socket's directory)")

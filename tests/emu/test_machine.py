@@ -15,6 +15,7 @@ from qemu.qmp import QMPClient
 
 from vmmig.errors import ConfigError
 from vmmig.guests.ab_check import ab_passes, check_ab
+from vmmig.guests.emu import DirtyParams
 from vmmig.platforms.emu.machine import Machine, MachineConfig, program_for
 from vmmig.platforms.emu.qmp_schema import QmpCommandError
 
@@ -117,7 +118,17 @@ class TestWorkloads:
         """Each plan workload maps to a guest program."""
         assert program_for(workload)[0] == program
 
-    @pytest.mark.parametrize("workload", ["dirty:lots", "fork-bomb"])
+    @pytest.mark.parametrize(("workload", "pattern"), [
+        ("dirty:64M", "sequential"), ("dirty:64M:sequential", "sequential"),
+        ("dirty:1G:random", "random"),
+    ])
+    def test_the_dirtier_takes_its_pattern_from_the_workload(self, workload, pattern):
+        """dirty:RATE[:random] chooses the order in which new pages are dirtied."""
+        params = program_for(workload)[1]
+        assert isinstance(params, DirtyParams)
+        assert params.pattern == pattern
+
+    @pytest.mark.parametrize("workload", ["dirty:lots", "fork-bomb", "dirty:64M:zigzag"])
     def test_unknown_workloads_are_refused(self, workload):
         """Bad workloads name the field and the choices."""
         with pytest.raises(ConfigError, match="workload"):

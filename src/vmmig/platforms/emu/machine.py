@@ -53,7 +53,7 @@ import mmap
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 import attrs
 import numpy as np
@@ -78,8 +78,9 @@ __all__ = ["EMU_WORKLOADS", "MAX_HOST_ACCESS", "Machine", "MachineConfig", "laun
            "load_workload"]
 
 PAGE: Final = 4096
-#: Workloads an emulated guest runs: ``dirty:RATE`` dirties RATE bytes per second.
-EMU_WORKLOADS: Final = ("ab", "fill", "idle", "regs", "dirty:RATE")
+#: Workloads an emulated guest runs: ``dirty:RATE`` dirties RATE bytes of new pages
+#: per second, in address order or (``dirty:RATE:random``) at random.
+EMU_WORKLOADS: Final = ("ab", "fill", "idle", "regs", "dirty:RATE[:random]")
 _HLT: Final = b"\xf4"
 #: How long a pause may take: a vCPU stops at the next instruction boundary.
 PAUSE_TIMEOUT: Final = 5.0
@@ -158,12 +159,14 @@ def program_for(workload: str) -> tuple[str, AbParams | DirtyParams | RegsParams
         return "regs", RegsParams()
     if workload == "idle":
         return "idle", None
-    if match := re.fullmatch(r"dirty:(.+)", workload):
+    if match := re.fullmatch(r"dirty:([^:]+)(?::(sequential|random))?", workload):
         try:
             rate = parse_size(match[1])
         except ValueError as err:
             raise ConfigError("workload", f"dirty rate: {err}") from None
-        return "dirty", DirtyParams(bytes_per_second=rate)
+        pattern: Literal["sequential", "random"] = "random" if match[2] == "random" \
+            else "sequential"
+        return "dirty", DirtyParams(bytes_per_second=rate, pattern=pattern)
     raise ConfigError("workload", f"{workload!r} is not an emulated workload; choose one of "
                       f"{', '.join(EMU_WORKLOADS)}")
 
