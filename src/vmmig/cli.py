@@ -19,6 +19,7 @@ from vmmig import __version__
 from vmmig.config import MigrationPlan, load_plan, plan_fields, precopy_limits
 from vmmig.errors import ConfigError, MigrationCancelled, VmmigError
 from vmmig.integrity import human_size
+from vmmig.owner.command import add_owner_parser, run_owner_command
 from vmmig.plugin_host import PluginHost
 from vmmig.report import MigrationReport
 from vmmig.runner import run_migration
@@ -86,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="target: where to listen; source: where to connect "
                             "(tcp:HOST:PORT or unix:PATH)")
     _add_plan_options(agent, _AGENT_LIMITS)
+    add_owner_parser(sub)
     return parser
 
 
@@ -124,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "plugins":
             _print_plugins(host)
             return EXIT_OK
-        commands = {"emu": _emu_start, "agent": _agent}
+        commands = {"emu": _emu_start, "agent": _agent, "owner": run_owner_command}
         if args.command in commands:
             return commands[args.command](args)
         plan = load_plan(args.config, _plan_options(args))
