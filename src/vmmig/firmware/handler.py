@@ -1,0 +1,291 @@
+"""The Migration Handler: mailbox requests in, responses out, for either role.
+
+Sans-IO (after h11): no threads, no shared memory, no clock.  The code that
+runs it on the helper vCPU copies a request out of its slot, calls
+:meth:`MigrationHandler.handle` and writes the response back; here it is
+plain bytes, so the whole protocol is tested by function calls.
+
+The handler trusts its constructor's arguments (guest RAM and the master
+secret come from inside the guest) and nothing in a request.  Whatever a
+request holds, the answer is a response: :class:`~vmmig.firmware.abi.Refusal`
+becomes its status, and any other exception (a bug) becomes INTERNAL_ERROR.
+
+A target whose stream fails an integrity check (AUTH_FAILED, REPLAY,
+OUT_OF_ORDER, MISMATCH) goes to ``failed`` and can never commit that
+session.  Malformed framing (BAD_REQUEST, TOO_LARGE) does not poison it: no
+authenticated data was involved and nothing changed.
+
+Which roles an MH may play is a launch-time fact (``roles``): the running
+source guest must never accept the target role, or a host could import an
+old stream of the same guest into it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import Callable
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from vmmig.firmware import abi, manifest
+from vmmig.firmware.abi import (
+    ABI_VERSION,
+    HEADER_SIZE,
+    NONCE_SIZE,
+    Capability,
+    Command,
+    Refusal,
+    Role,
+    Status,
+)
+from vmmig.firmware.keys import SessionKeys, derive_session_keys
+from vmmig.firmware.records import RecordOpener, RecordSealer, page_record_size
+from vmmig.firmware.states import SESSION_STATES, MhEvent, MhState, next_state, role_of
+
+
+__all__ = ["CAPABILITIES", "MigrationHandler"]
+
+_log = logging.getLogger(__name__)
+
+#: What this MH implements (no CPU_STATE yet).
+CAPABILITIES = Capability.BATCH | Capability.ZERO_BITMAP | Capability.RECEIPTS
+_IMPORT_REPLY = struct.Struct("<QI4x")
+_POISON = frozenset(
+    {Status.AUTH_FAILED, Status.REPLAY, Status.OUT_OF_ORDER, Status.MISMATCH, Status.INTERNAL_ERROR}
+)
+_ECHO = struct.Struct("<I4xQ")
+_NEEDS_SESSION = frozenset(
+    {Command.EXPORT_PAGES, Command.IMPORT_PAGES, Command.MANIFEST, Command.COMMIT}
+)
+
+
+@attrs.frozen
+class _Reply:
+    """A response under construction: ``out`` has HEADER_SIZE bytes free in front."""
+
+    out: bytearray
+    status: Status = Status.OK
+    detail: int = 0
+
+
+def _payload(data: bytes = b"") -> bytearray:
+    out = bytearray(HEADER_SIZE + len(data))
+    out[HEADER_SIZE:] = data
+    return out
+
+
+@attrs.define
+class MigrationHandler:
+    """One guest's MH: owns the session state, keys and page streams.
+
+    :param memory: guest RAM in plaintext, ``(pages, 4096)`` uint8 (writable
+        on a target).
+    :param master_secret: the migration secret injected at launch.
+    :param max_batch_pages: most pages one EXPORT/IMPORT carries.
+    :param roles: roles this MH may take (a launch-time, measured choice).
+    :param random: source of nonces (``os.urandom``; tests pin it).
+    """
+
+    memory: npt.NDArray[np.uint8]
+    master_secret: bytes = attrs.field(repr=False)
+    max_batch_pages: int = 512
+    roles: frozenset[Role] = frozenset({Role.SOURCE, Role.TARGET})
+    random: Callable[[int], bytes] = attrs.field(default=os.urandom, repr=False)
+    state: MhState = attrs.field(init=False, default=MhState.IDLE)
+    _role: Role = attrs.field(init=False, default=Role.NONE)
+    _own_nonce: bytes | None = attrs.field(init=False, default=None, repr=False)
+    _keys: SessionKeys | None = attrs.field(init=False, default=None, repr=False)
+    _sealer: RecordSealer | None = attrs.field(init=False, default=None, repr=False)
+    _opener: RecordOpener | None = attrs.field(init=False, default=None, repr=False)
+    _manifest: manifest.Manifest | None = attrs.field(init=False, default=None, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.memory.ndim != 2 or self.memory.shape[1] != abi.PAGE_SIZE:
+            raise ValueError("guest memory must be a (pages, 4096) array")
+
+    def handle(self, request: bytes | bytearray | memoryview) -> bytearray:
+        """Process one request (a private copy of a slot) and return the response."""
+        command, seq = _echo(request)
+        try:
+            parsed = abi.unpack_request(request)
+            reply = self._dispatch(parsed)
+        except Refusal as refusal:
+            _log.info("MH refuses %#x: %s", command, refusal)
+            self._fail_if_poisoned(refusal.status)
+            reply = _Reply(_payload(), refusal.status, refusal.detail)
+        except Exception:  # the MH must answer whatever happens; this is a bug
+            _log.exception("MH internal error on %#x", command)
+            self._fail_if_poisoned(Status.INTERNAL_ERROR)
+            reply = _Reply(_payload(), Status.INTERNAL_ERROR)
+        out = reply.out
+        abi.pack_response_header(
+            out,
+            command=command,
+            status=reply.status,
+            seq=seq,
+            length=len(out) - HEADER_SIZE,
+            detail=reply.detail,
+        )
+        return out
+
+    # -- dispatch ---------------------------------------------------------------
+
+    def _dispatch(self, request: abi.Request) -> _Reply:
+        command = request.command
+        if command in (Command.EXPORT_CPU_STATE, Command.IMPORT_CPU_STATE):
+            raise Refusal(Status.UNSUPPORTED, "CPU state transfer (SEV-ES) is not implemented")
+        if command in _NEEDS_SESSION and self.state not in SESSION_STATES:
+            raise Refusal(Status.NO_SESSION, f"{command.name} needs an open session")
+        methods: dict[Command, Callable[[bytes], _Reply]] = {
+            Command.HELLO: self._hello,
+            Command.OPEN_SESSION: self._open_session,
+            Command.ABORT: self._abort,
+            Command.EXPORT_PAGES: self._export,
+            Command.IMPORT_PAGES: self._import,
+            Command.MANIFEST: self._manifest_command,
+            Command.COMMIT: self._commit,
+        }
+        return methods[command](request.payload)
+
+    def _advance(self, event: MhEvent, role: Role | None = None) -> MhState:
+        """The state ``event`` leads to; Refusal(BAD_STATE) if it is illegal now."""
+        state = next_state(self.state, event, role)
+        if state is None:
+            raise Refusal(Status.BAD_STATE, f"{event.value} in state {self.state.name}")
+        return state
+
+    def _fail_if_poisoned(self, status: Status) -> None:
+        if status in _POISON:
+            failed = next_state(self.state, MhEvent.INTEGRITY_FAILURE)
+            if failed is not None:
+                self.state = failed
+
+    def _session(self) -> SessionKeys:
+        assert self._keys is not None, "session states hold keys"
+        return self._keys
+
+    # -- commands ---------------------------------------------------------------
+
+    def _hello(self, payload: bytes) -> _Reply:
+        hello = abi.HelloRequest.unpack(payload)
+        reply = abi.HelloReply(
+            ABI_VERSION,
+            self.max_batch_pages,
+            int(CAPABILITIES),
+            int(self.state),
+            role_of(self.state),
+            len(self.memory),
+        )
+        status = Status.OK if hello.abi_version == ABI_VERSION else Status.UNSUPPORTED
+        return _Reply(_payload(reply.pack()), status)
+
+    def _open_session(self, payload: bytes) -> _Reply:
+        request = abi.OpenSessionRequest.unpack(payload)
+        if request.role not in self.roles:
+            raise Refusal(Status.UNSUPPORTED, f"this MH may not act as {request.role.name}")
+        complete = request.peer_nonce != bytes(NONCE_SIZE)
+        state = self._advance(MhEvent.OPEN if complete else MhEvent.ISSUE_NONCE, request.role)
+        if self._own_nonce is None:
+            self._own_nonce = self.random(NONCE_SIZE)
+        own = self._own_nonce
+        if not complete:
+            self.state, self._role = state, request.role
+            return _Reply(_payload(abi.OpenSessionReply(own).pack()))
+        if request.peer_nonce == own:
+            raise Refusal(Status.BAD_REQUEST, "the peer nonce is this MH's own")
+        if request.role is Role.SOURCE:
+            keys = derive_session_keys(self.master_secret, own, request.peer_nonce)
+            self._sealer = RecordSealer(
+                self.memory, keys.data, keys.session_id, self.max_batch_pages
+            )
+        else:
+            keys = derive_session_keys(self.master_secret, request.peer_nonce, own)
+            self._opener = RecordOpener(
+                self.memory, keys.data, keys.session_id, self.max_batch_pages
+            )
+        self._keys, self.state, self._role = keys, state, request.role
+        return _Reply(_payload(abi.OpenSessionReply(own, keys.session_id).pack()))
+
+    def _export(self, payload: bytes) -> _Reply:
+        state = self._advance(MhEvent.EXPORT)
+        assert self._sealer is not None
+        gpas = abi.unpack_export_request(payload, self.max_batch_pages)
+        out = bytearray(HEADER_SIZE + page_record_size(len(gpas)))
+        self._sealer.seal_into(gpas, memoryview(out)[HEADER_SIZE:])
+        self.state = state
+        return _Reply(out)
+
+    def _import(self, payload: bytes) -> _Reply:
+        state = self._advance(MhEvent.IMPORT)
+        assert self._opener is not None
+        seq, count = self._opener.open(payload)
+        self.state = state
+        return _Reply(_payload(_IMPORT_REPLY.pack(seq, count)))
+
+    def _manifest_command(self, payload: bytes) -> _Reply:
+        keys = self._session()
+        if self._sealer is not None:
+            state = self._advance(MhEvent.SEAL_MANIFEST)
+            if payload:
+                raise Refusal(Status.BAD_REQUEST, "the source's MANIFEST takes no payload")
+            sealer = self._sealer
+            made = manifest.Manifest.of(self.memory, sealer.versions, sealer.next_seq)
+            sealed = manifest.seal_manifest(keys, made)
+            self._manifest, self.state = made, state
+            return _Reply(_payload(sealed))
+        state = self._advance(MhEvent.VERIFY_MANIFEST)
+        assert self._opener is not None
+        claimed = manifest.open_manifest(keys, payload)
+        opener = self._opener
+        held = manifest.Manifest.of(self.memory, opener.versions, opener.next_seq)
+        mismatch = claimed.compare(held)
+        if mismatch:
+            raise Refusal(Status.MISMATCH, f"manifest differs: {mismatch!r}", int(mismatch))
+        self._manifest, self.state = claimed, state
+        return _Reply(_payload())
+
+    def _commit(self, payload: bytes) -> _Reply:
+        state = self._advance(MhEvent.COMMIT)
+        keys, made = self._session(), self._manifest
+        assert made is not None, "commit is legal only after a manifest"
+        if self._role is Role.SOURCE:
+            manifest.open_commit_receipt(keys, made, payload)
+            self.state = state
+            return _Reply(_payload())
+        if payload:
+            raise Refusal(Status.BAD_REQUEST, "the target's COMMIT takes no payload")
+        receipt = manifest.seal_commit_receipt(keys, made)
+        self.state = state
+        return _Reply(_payload(receipt))
+
+    def _abort(self, payload: bytes) -> _Reply:
+        state = self._advance(MhEvent.ABORT)
+        token = b""
+        if self.state is MhState.SOURCE_SEALED:
+            manifest.open_abort_token(self._session(), payload)
+        elif payload:
+            raise Refusal(Status.BAD_REQUEST, "ABORT takes a payload only on a sealed source")
+        elif self._role is Role.TARGET and self._keys is not None:
+            token = manifest.seal_abort_token(self._keys)
+        self._drop_session()
+        self.state = state
+        return _Reply(_payload(token))
+
+    def _drop_session(self) -> None:
+        """Forget keys, nonce and streams: a new session needs new nonces."""
+        self._role, self._own_nonce, self._keys = Role.NONE, None, None
+        self._sealer = self._opener = None
+        self._manifest = None
+
+
+def _echo(request: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """Command and mailbox sequence to echo, even from a request too broken to parse."""
+    view = memoryview(request).cast("B")
+    if len(view) < _ECHO.size:
+        return 0, 0
+    command, seq = _ECHO.unpack_from(view)
+    return int(command), int(seq)

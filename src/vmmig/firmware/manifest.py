@@ -1,0 +1,211 @@
+"""The final manifest, and the receipts that end a session.
+
+At the stop the source MH seals one manifest (kind MANIFEST, sequence 0,
+manifest key); its body is 128 bytes::
+
+    0    u64   RAM pages
+    8    u64   page records sealed (the data stream's length)
+    16   u64   pages exported in all (sum of all versions)
+    24   u64   reserved, zero
+    32   32    versions digest: SHA-256 of every page's version, u64 LE,
+               in GPA order (page 0, 1, 2, ... of all RAM)
+    64   32    memory digest: SHA-256 of every page of RAM, 4096 bytes
+               each, in GPA order, as of the stop
+    96   32    reserved, zero
+
+The target accepts COMMIT only after it verified that it holds exactly this:
+the same RAM size, every record (a truncated stream shows in the count),
+every page at exactly the source's final version (nothing missing, nothing
+extra, no stale page; the digest compares the whole table, so the manifest
+keeps a fixed size however large the guest), and memory whose digest is the
+source's.  The memory digest catches what versions cannot: a page the guest
+wrote after its last export whose dirty bit the (untrusted) host suppressed.
+
+Failures are reported as MISMATCH with ``detail`` bits
+(:class:`MismatchBits`).
+
+Receipts use the control key (target -> source), sequence 0 each:
+the commit receipt's body is SHA-256 of the manifest body it answers; the
+abort token's body is 32 zero bytes.  The source retires on a commit
+receipt and may resume after its manifest only on an abort token, so the
+host cannot run both copies of the guest without forging one of them.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import struct
+from typing import Final
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from vmmig.firmware import envelope
+from vmmig.firmware.abi import Refusal, Status
+from vmmig.firmware.envelope import Direction, RecordKind
+from vmmig.firmware.keys import SessionKeys
+
+
+__all__ = [
+    "MANIFEST_BODY_SIZE",
+    "Manifest",
+    "MismatchBits",
+    "memory_digest",
+    "open_abort_token",
+    "open_commit_receipt",
+    "open_manifest",
+    "seal_abort_token",
+    "seal_commit_receipt",
+    "seal_manifest",
+    "versions_digest",
+]
+
+_BODY = struct.Struct("<QQQ8x32s32s32x")
+#: Bytes of a manifest's plaintext body.
+MANIFEST_BODY_SIZE: Final = _BODY.size
+_RECEIPT_SIZE: Final = 32
+
+
+class MismatchBits(enum.IntFlag):
+    """``detail`` bits of a MISMATCH reply to MANIFEST."""
+
+    RAM_SIZE = 1 << 0
+    RECORD_COUNT = 1 << 1
+    VERSIONS = 1 << 2
+    MEMORY = 1 << 3
+
+
+def memory_digest(memory: npt.NDArray[np.uint8]) -> bytes:
+    """SHA-256 of all RAM, page 0 first (one pass; RAM is one C-contiguous array)."""
+    return hashlib.sha256(np.ascontiguousarray(memory).data).digest()
+
+
+def versions_digest(versions: npt.NDArray[np.uint64]) -> bytes:
+    """SHA-256 of the version table as u64 LE in GPA order."""
+    return hashlib.sha256(np.ascontiguousarray(versions, dtype="<u8").data).digest()
+
+
+@attrs.frozen
+class Manifest:
+    """What the target must hold before it may commit."""
+
+    ram_pages: int
+    records: int
+    pages_exported: int
+    versions_digest: bytes
+    memory_digest: bytes
+
+    @classmethod
+    def of(
+        cls, memory: npt.NDArray[np.uint8], versions: npt.NDArray[np.uint64], records: int
+    ) -> Manifest:
+        """The manifest of a side holding ``memory`` at ``versions`` after ``records``."""
+        return cls(
+            len(memory),
+            records,
+            int(versions.sum(dtype=np.uint64)),
+            versions_digest(versions),
+            memory_digest(memory),
+        )
+
+    def pack(self) -> bytes:
+        """The 128-byte body."""
+        return _BODY.pack(
+            self.ram_pages,
+            self.records,
+            self.pages_exported,
+            self.versions_digest,
+            self.memory_digest,
+        )
+
+    @classmethod
+    def unpack(cls, body: bytes) -> Manifest:
+        """Parse an authenticated body."""
+        return cls(*_BODY.unpack(body))
+
+    def compare(self, held: Manifest) -> MismatchBits:
+        """Which parts of ``held`` (the target's own) differ from this one."""
+        bits = MismatchBits(0)
+        if held.ram_pages != self.ram_pages:
+            bits |= MismatchBits.RAM_SIZE
+        if held.records != self.records:
+            bits |= MismatchBits.RECORD_COUNT
+        if (held.versions_digest, held.pages_exported) != (
+            self.versions_digest,
+            self.pages_exported,
+        ):
+            bits |= MismatchBits.VERSIONS
+        if held.memory_digest != self.memory_digest:
+            bits |= MismatchBits.MEMORY
+        return bits
+
+
+def seal_manifest(keys: SessionKeys, manifest: Manifest) -> bytes:
+    """The source's sealed manifest record."""
+    return envelope.seal_message(
+        AESGCM(keys.manifest),
+        kind=RecordKind.MANIFEST,
+        direction=Direction.SOURCE_TO_TARGET,
+        session_id=keys.session_id,
+        body=manifest.pack(),
+    )
+
+
+def open_manifest(keys: SessionKeys, record: bytes) -> Manifest:
+    """Authenticate a manifest record; Refusal if it is not this session's."""
+    body = envelope.open_message(
+        AESGCM(keys.manifest),
+        record,
+        session_id=keys.session_id,
+        kind=RecordKind.MANIFEST,
+        direction=Direction.SOURCE_TO_TARGET,
+        body_length=MANIFEST_BODY_SIZE,
+    )
+    return Manifest.unpack(body)
+
+
+def _seal_control(keys: SessionKeys, kind: RecordKind, body: bytes) -> bytes:
+    return envelope.seal_message(
+        AESGCM(keys.control),
+        kind=kind,
+        direction=Direction.TARGET_TO_SOURCE,
+        session_id=keys.session_id,
+        body=body,
+    )
+
+
+def _open_control(keys: SessionKeys, kind: RecordKind, record: bytes) -> bytes:
+    return envelope.open_message(
+        AESGCM(keys.control),
+        record,
+        session_id=keys.session_id,
+        kind=kind,
+        direction=Direction.TARGET_TO_SOURCE,
+        body_length=_RECEIPT_SIZE,
+    )
+
+
+def seal_commit_receipt(keys: SessionKeys, manifest: Manifest) -> bytes:
+    """Target: proof that it committed after verifying ``manifest``."""
+    digest = hashlib.sha256(manifest.pack()).digest()
+    return _seal_control(keys, RecordKind.COMMIT_RECEIPT, digest)
+
+
+def open_commit_receipt(keys: SessionKeys, manifest: Manifest, record: bytes) -> None:
+    """Source: Refusal unless ``record`` is the target's receipt for ``manifest``."""
+    body = _open_control(keys, RecordKind.COMMIT_RECEIPT, record)
+    if body != hashlib.sha256(manifest.pack()).digest():
+        raise Refusal(Status.AUTH_FAILED, "commit receipt for another manifest")
+
+
+def seal_abort_token(keys: SessionKeys) -> bytes:
+    """Target: proof that it dropped the session without committing."""
+    return _seal_control(keys, RecordKind.ABORT_TOKEN, bytes(_RECEIPT_SIZE))
+
+
+def open_abort_token(keys: SessionKeys, record: bytes) -> None:
+    """Source: Refusal unless ``record`` is the target's abort token of this session."""
+    _open_control(keys, RecordKind.ABORT_TOKEN, record)
