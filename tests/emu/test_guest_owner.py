@@ -15,13 +15,13 @@ from unittest import mock
 
 import attrs
 import pytest
-from psp_support import FakeGuestMemory, amd_root, make_psp, page
+from owner_support import SEV, launch, trust
+from psp_support import make_psp, page
 
 from vmmig.errors import ConfigError
 from vmmig.owner import (
     MIGRATION_SECRET_GUID,
     AttestationError,
-    ExpectedLaunch,
     GuestOwner,
     PlatformCerts,
     Refusal,
@@ -34,24 +34,15 @@ from vmmig.platforms.emu.psp import (
     FirmwareVersion,
     GuestState,
     LaunchSecretRequest,
-    LaunchStartRequest,
-    LaunchUpdateDataRequest,
     Measurement,
     Policy,
     Psp,
     build_secret_packet,
     expected_measurement,
-    launch_digest,
 )
 
 
-IMAGE = [(0, page(1)), (4096, page(2))]
-SEV = ExpectedLaunch("sev", Policy(nodbg=True), launch_digest(data for _, data in IMAGE))
 SECRET_GPA = 0x8000
-
-
-def trust() -> TrustAnchor:
-    return TrustAnchor(amd_root().ask_cert, amd_root().ark_cert)
 
 
 @pytest.fixture(scope="module")
@@ -64,16 +55,6 @@ def owner(tmp_path):
     owner = GuestOwner.open(tmp_path / "owner", trust())
     owner.expect("web-1", SEV)
     return owner
-
-
-def launch(psp, offer, image=IMAGE):
-    """The host's part: LAUNCH_START with the offer, UPDATE_DATA, MEASURE."""
-    memory = FakeGuestMemory()
-    handle = psp.launch_start(LaunchStartRequest(offer.policy, offer.dh_cert,
-                                                 offer.session_blob))
-    for gpa, data in image:
-        psp.launch_update_data(LaunchUpdateDataRequest(handle, gpa, data), memory)
-    return handle, memory, psp.launch_measure(handle)
 
 
 def refused(reason: Refusal, call, *args, **kwargs) -> AttestationError:
