@@ -29,6 +29,8 @@ __all__ = [
     "HEADER_SIZE",
     "NONCE_SIZE",
     "PAGE_SIZE",
+    "QUEUE_DESC_SIZE",
+    "REGION_HEADER_SIZE",
     "REGION_MAGIC",
     "Capability",
     "Command",
@@ -64,8 +66,13 @@ _RESPONSE = struct.Struct("<IIQII8x")  # command, status, mailbox_seq, payload_l
 HEADER_SIZE: Final = _REQUEST.size
 assert _RESPONSE.size == HEADER_SIZE
 
-_REGION = struct.Struct("<IIQIIIIII16x")
+_REGION = struct.Struct("<IIQIIIII4xQ16x")
 _QUEUE = struct.Struct("<QQQQII24x")
+#: Bytes of the region header (offset 0 of the shared region).
+REGION_HEADER_SIZE: Final = _REGION.size
+#: Bytes of one queue descriptor (the table starts right after the region header).
+QUEUE_DESC_SIZE: Final = _QUEUE.size
+assert (REGION_HEADER_SIZE, QUEUE_DESC_SIZE) == (64, 64)
 _HELLO_REQ = struct.Struct("<IIQ")  # host abi version, reserved, host capabilities
 _HELLO_REP = struct.Struct("<IIQIIQ")  # abi, max batch, caps, state, role, ram pages
 _OPEN_REQ = struct.Struct(f"<II{NONCE_SIZE}s")  # role, reserved, peer nonce
@@ -191,7 +198,7 @@ def unpack_request(data: bytes | bytearray | memoryview) -> Request:
     if len(view) < HEADER_SIZE:
         raise Refusal(Status.BAD_REQUEST, "shorter than a request header")
     command, length, seq = _REQUEST.unpack_from(view)
-    if any(view[12:HEADER_SIZE]):
+    if any(view[16:HEADER_SIZE]):
         raise Refusal(Status.BAD_REQUEST, "reserved header bytes set")
     if length != len(view) - HEADER_SIZE:
         raise Refusal(Status.BAD_REQUEST, "payload length disagrees with the request size")
@@ -349,11 +356,6 @@ class MailboxLayout:
     max_batch_pages: int = attrs.field(default=512, validator=attrs.validators.in_(range(1, 4097)))
     capabilities: int = int(Capability.BATCH | Capability.ZERO_BITMAP | Capability.RECEIPTS)
 
-    #: Bytes of the region header.
-    HEADER_BYTES: Final = _REGION.size
-    #: Bytes of one queue descriptor.
-    QUEUE_BYTES: Final = _QUEUE.size
-
     @property
     def slot_capacity(self) -> int:
         """Bytes of one slot: response header, record header, entries, body, tag, rounded."""
@@ -364,7 +366,7 @@ class MailboxLayout:
     @property
     def slots_offset(self) -> int:
         """Offset of the first slot: page-aligned after header and descriptors."""
-        end = self.HEADER_BYTES + self.QUEUE_BYTES * self.queue_count
+        end = REGION_HEADER_SIZE + QUEUE_DESC_SIZE * self.queue_count
         return -(-end // PAGE_SIZE) * PAGE_SIZE
 
     @property
@@ -384,8 +386,8 @@ class MailboxLayout:
             self.capabilities,
             self.max_batch_pages,
             self.queue_count,
-            self.HEADER_BYTES,
-            self.QUEUE_BYTES,
+            REGION_HEADER_SIZE,
+            QUEUE_DESC_SIZE,
             self.slot_capacity,
             self.region_size,
         )
@@ -405,7 +407,7 @@ class MailboxLayout:
         if magic != REGION_MAGIC or version != ABI_VERSION:
             raise ValueError("not a version-1 MH mailbox")
         layout = cls(queues, batch, caps)
-        expected = (cls.HEADER_BYTES, cls.QUEUE_BYTES, layout.slot_capacity, layout.region_size)
+        expected = (REGION_HEADER_SIZE, QUEUE_DESC_SIZE, layout.slot_capacity, layout.region_size)
         if (queue_table, queue_bytes, slot, size) != expected:
             raise ValueError("mailbox header disagrees with the version-1 layout")
         return layout

@@ -1,0 +1,92 @@
+"""Page records on their own: sizes that hide zero pages, round trips, any flipped bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vmmig.firmware.abi import PAGE_SIZE, Refusal, Status
+from vmmig.firmware.keys import derive_session_keys
+from vmmig.firmware.records import RecordOpener, RecordSealer, page_record_size
+
+
+KEYS = derive_session_keys(bytes(32), b"\x01" * 32, b"\x02" * 32)
+PAGES = 32
+
+
+def ends(memory: np.ndarray) -> tuple[RecordSealer, RecordOpener]:
+    sealer = RecordSealer(memory, KEYS.data, KEYS.session_id, 64)
+    opener = RecordOpener(np.zeros_like(memory), KEYS.data, KEYS.session_id, 64)
+    return sealer, opener
+
+
+def memory_with_zeros(zero_mask: list[bool]) -> np.ndarray:
+    rng = np.random.default_rng(len(zero_mask))
+    memory = rng.integers(1, 256, (len(zero_mask), PAGE_SIZE), dtype=np.uint8)
+    memory[np.array(zero_mask, dtype=bool)] = 0
+    return memory
+
+
+zero_masks = st.lists(st.booleans(), min_size=1, max_size=64)
+
+
+class TestZeroPages:
+    @given(zero_masks)
+    def test_size_depends_on_page_count_only(self, mask):
+        """All-zero, no-zero and mixed batches of n pages give records of one size."""
+        gpas = np.arange(len(mask), dtype=np.uint64) * PAGE_SIZE
+        mixed, _ = ends(memory_with_zeros(mask))
+        dense, _ = ends(memory_with_zeros([False] * len(mask)))
+        empty, _ = ends(memory_with_zeros([True] * len(mask)))
+        sizes = {len(s.seal(gpas)) for s in (mixed, dense, empty)}
+        assert sizes == {page_record_size(len(mask))}
+
+    @given(zero_masks, st.randoms(use_true_random=False))
+    def test_round_trip_restores_pages(self, mask, random):
+        """Whatever the zero pages and GPA order, the target ends with the source's pages."""
+        memory = memory_with_zeros(mask)
+        sealer, opener = ends(memory)
+        order = list(range(len(mask)))
+        random.shuffle(order)
+        gpas = np.array(order, dtype=np.uint64) * PAGE_SIZE
+        assert opener.open(sealer.seal(gpas)) == (0, len(mask))
+        assert np.array_equal(opener.memory, memory)
+
+    def test_zero_page_overwrites_old_content(self):
+        """A page that became zero is zeroed on the target, not left stale."""
+        memory = memory_with_zeros([False] * 4)
+        sealer, opener = ends(memory)
+        gpas = np.arange(4, dtype=np.uint64) * PAGE_SIZE
+        opener.open(sealer.seal(gpas))
+        memory[2] = 0
+        opener.open(sealer.seal(gpas[2:3]))
+        assert not opener.memory[2].any()
+        assert np.array_equal(opener.versions, [1, 1, 2, 1])
+
+
+class TestTamper:
+    @settings(max_examples=200, deadline=None)
+    @given(st.data())
+    def test_any_flipped_bit_is_refused_and_changes_nothing(self, data):
+        """A bit flipped anywhere in a record: refused, memory and state unchanged."""
+        memory = memory_with_zeros([False, True, False, False])
+        sealer, opener = ends(memory)
+        record = bytearray(sealer.seal(np.arange(4, dtype=np.uint64) * PAGE_SIZE))
+        position = data.draw(st.integers(0, len(record) * 8 - 1))
+        record[position // 8] ^= 1 << (position % 8)
+        with pytest.raises(Refusal) as refusal:
+            opener.open(bytes(record))
+        assert refusal.value.status in {Status.AUTH_FAILED, Status.BAD_REQUEST, Status.TOO_LARGE}
+        assert not opener.memory.any()
+        assert opener.next_seq == 0
+        assert not opener.versions.any()
+
+    def test_truncated_record(self):
+        """A record cut short is BAD_REQUEST."""
+        sealer, opener = ends(memory_with_zeros([False] * 2))
+        record = sealer.seal(np.arange(2, dtype=np.uint64) * PAGE_SIZE)
+        with pytest.raises(Refusal) as refusal:
+            opener.open(record[:-1])
+        assert refusal.value.status is Status.BAD_REQUEST
