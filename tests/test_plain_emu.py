@@ -74,9 +74,8 @@ class TestLiveMigration:
         assert checks["memory"] == "256.0 MiB identical"
         assert checks["guest-running"] == "guest running, memory changing"
         assert report["ram"]["dirty-sync-count"] >= 2
-        # Untouched memory is zero pages: counted, not sent in full.
+        # Memory the guest never touched (below 1 MiB, at least) goes as zero pages.
         assert report["ram"]["duplicate"] > 0
-        assert report["ram"]["transferred"] < 256 << 20
 
     def test_register_chain_continues_on_the_target(self, tmp_path, no_leftovers):
         """regs: every register arrives, before and after the target resumes."""

@@ -124,6 +124,12 @@ class AgentProcess:
                     await self._process.wait()
         self.kill()
         await self._process.wait()
+        # Read the pipe to its end so that its transport closes before the event
+        # loop does (otherwise asyncio warns of an unclosed transport at exit).
+        stdout = self._process.stdout
+        if stdout is not None:
+            with contextlib.suppress(ConnectionError, ValueError):
+                await stdout.read()
 
     def kill(self) -> None:
         """SIGKILL the agent unless it has exited; synchronous and idempotent."""
