@@ -8,8 +8,10 @@ arrives into its machine's RAM and loads the vCPU state.  Both talk to their
 machine over QMP (synchronously: an agent's data path is one thread) and to
 each other over a :class:`~vmmig.channel.Channel`.
 
-This module is the ``plain`` page path (the agents map guest RAM, as a
-hypervisor may); confidential technologies replace the page path.
+The page path is pluggable (:class:`SourcePages`, :class:`TargetPages`):
+by default the ``plain`` one (the agents map guest RAM, as a hypervisor
+may); confidential technologies pass their own, which seals on the source
+and opens on the target.
 """
 
 from __future__ import annotations
@@ -17,23 +19,50 @@ from __future__ import annotations
 import json
 import mmap
 import time
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import numpy as np
 
-from vmmig.agents.pages import BATCH_PAGES, PageBatcher, PageReceiver, prefault, ram_pages
+from vmmig.agents.pages import PageBatcher, PageReceiver, prefault, ram_pages
 from vmmig.channel import Channel, FrameKind
 from vmmig.channel.frames import FrameHeader, ProtocolError
 from vmmig.core.precopy import PrecopyLimits, PrecopyPolicy, Reason, RoundResult, pacing_delay
 from vmmig.errors import MigrationFailed
 
 
-__all__ = ["MachineMonitor", "RoundStats", "SourceEngine", "SourceResult", "run_source",
-           "run_target"]
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+
+__all__ = ["MachineMonitor", "RoundStats", "SourceEngine", "SourcePages", "SourceResult",
+           "TargetPages", "run_source", "run_target"]
 
 PAGE = 4096
+
+
+class SourcePages(Protocol):
+    """How the source turns dirty pages into PAGES frames (a technology's page path)."""
+
+    #: Most pages one frame carries.
+    batch_pages: int
+    #: Pages sent with contents, and zero pages sent without, so far.
+    normal: int
+    zero: int
+
+    def batch(self, page_numbers: np.ndarray) -> Sequence[Buffer]:
+        """The payload parts of one PAGES frame for these pages (valid until the next call)."""
+
+
+class TargetPages(Protocol):
+    """How the target applies a PAGES frame (a technology's page path)."""
+
+    def receive(self, channel: Channel, header: FrameHeader) -> int:
+        """Receive the frame's payload and apply it; returns the pages it wrote.
+
+        :raises ProtocolError: the payload is malformed or not authentic.
+        """
 
 
 class MachineMonitor(Protocol):
@@ -82,15 +111,16 @@ def _sync_dirty(monitor: MachineMonitor, dirty_file: mmap.mmap) -> np.ndarray:
     return np.frombuffer(dirty_file, dtype="<u8", count=count).astype(np.uint64)
 
 
-def _send_pages(channel: Channel, batcher: PageBatcher, pages: np.ndarray, *,
+def _send_pages(channel: Channel, batcher: SourcePages, pages: np.ndarray, *,
                 bandwidth_cap: float = 0.0, started: float = 0.0) -> int:
     """Send ``pages`` in batches, keeping the channel within the cap since ``started``.
 
     :return: the bytes sent.
     """
     before = channel.bytes_sent
-    for start in range(0, len(pages), BATCH_PAGES):
-        channel.send(FrameKind.PAGES, *batcher.batch(pages[start:start + BATCH_PAGES]))
+    step = batcher.batch_pages
+    for start in range(0, len(pages), step):
+        channel.send(FrameKind.PAGES, *batcher.batch(pages[start:start + step]))
         delay = pacing_delay(channel.bytes_sent, time.monotonic() - started, bandwidth_cap)
         if delay:
             time.sleep(delay)  # the bandwidth cap: sending now would exceed it
@@ -107,9 +137,11 @@ class SourceEngine:
     """
 
     def __init__(self, monitor: MachineMonitor, channel: Channel, limits: PrecopyLimits, *,
+                 pages: SourcePages | None = None,
                  on_round: Callable[[RoundStats], None] = lambda _r: None) -> None:
+        """:param pages: the page path; by default plain's, from the mapped RAM."""
         memory = monitor.cmd("x-query-memory")
-        if memory["ram-path"] is None:
+        if pages is None and memory["ram-path"] is None:
             raise MigrationFailed("the source's RAM is private (encrypted): plain cannot read it")
         self.monitor = monitor
         self.channel = channel
@@ -118,10 +150,11 @@ class SourceEngine:
         size = int(memory["size"])
         self.total_pages = size // PAGE
         monitor.cmd("x-dirty-log-start")
-        self._ram = _map(memory["ram-path"], size, writable=False)
         self._dirty_file = _map(memory["dirty-pages-path"], self.total_pages * 8,
                                 writable=False)
-        self.batcher = PageBatcher(ram_pages(self._ram))
+        if pages is None:
+            pages = PageBatcher(ram_pages(_map(memory["ram-path"], size, writable=False)))
+        self.batcher = pages
         self.rounds: list[RoundStats] = []
         self._dirty = np.arange(self.total_pages, dtype=np.uint64)
         self._stopped_at = 0.0
@@ -181,12 +214,13 @@ class SourceEngine:
 
 
 def run_source(monitor: MachineMonitor, channel: Channel, limits: PrecopyLimits, *,
+               pages: SourcePages | None = None,
                on_round: Callable[[RoundStats], None] = lambda _r: None) -> SourceResult:
     """Migrate the source machine's guest through ``channel``; the guest ends stopped.
 
     :raises MigrationFailed: the target aborted or did not acknowledge.
     """
-    engine = SourceEngine(monitor, channel, limits, on_round=on_round)
+    engine = SourceEngine(monitor, channel, limits, pages=pages, on_round=on_round)
     try:
         engine.precopy()
         engine.stop_and_copy()
@@ -195,7 +229,7 @@ def run_source(monitor: MachineMonitor, channel: Channel, limits: PrecopyLimits,
         engine.close()
 
 
-def _receive_frame(monitor: MachineMonitor, channel: Channel, receiver: PageReceiver,
+def _receive_frame(monitor: MachineMonitor, channel: Channel, receiver: TargetPages,
                    header: FrameHeader) -> int:
     """Receive and apply one frame on the target; returns the pages it wrote."""
     if header.kind is FrameKind.PAGES:
@@ -210,16 +244,19 @@ def _receive_frame(monitor: MachineMonitor, channel: Channel, receiver: PageRece
     return 0
 
 
-def run_target(monitor: MachineMonitor, channel: Channel) -> int:
+def run_target(monitor: MachineMonitor, channel: Channel, pages: TargetPages | None = None
+               ) -> int:
     """Receive a guest into the (incoming) target machine; returns the pages written.
+
+    :param pages: the page path; by default plain's, into the mapped RAM.
 
     On a malformed stream the target tells the source why (ABORT) and raises.
     """
-    memory = monitor.cmd("x-query-memory")
-    size = int(memory["size"])
-    ram = _map(memory["ram-path"], size, writable=True)
-    view = ram_pages(ram, writable=True)
-    receiver = PageReceiver(view)
+    if pages is None:
+        memory = monitor.cmd("x-query-memory")
+        ram = _map(memory["ram-path"], int(memory["size"]), writable=True)
+        pages = PageReceiver(ram_pages(ram, writable=True))
+    receiver = pages
     written = 0
     try:
         while True:
@@ -232,6 +269,3 @@ def run_target(monitor: MachineMonitor, channel: Channel) -> int:
     except ProtocolError as err:
         channel.send_json(FrameKind.ABORT, {"reason": str(err)})
         raise
-    finally:
-        del view, receiver
-        ram.close()

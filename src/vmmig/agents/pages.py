@@ -59,6 +59,9 @@ class PageBatcher:
     :param elide_zero: send zero pages without contents (plain may; SEV must not).
     """
 
+    #: Most pages one PAGES frame carries.
+    batch_pages = BATCH_PAGES
+
     def __init__(self, ram: np.ndarray, *, elide_zero: bool = True) -> None:
         self.ram = ram
         self.elide_zero = elide_zero
