@@ -39,6 +39,7 @@ from vmmig import PROJECT
 
 
 if TYPE_CHECKING:
+    from vmmig.config import MigrationPlan
     from vmmig.core.phases import Phase
     from vmmig.migration import Migration
     from vmmig.report import Progress, RoundReport
@@ -60,6 +61,20 @@ def vmmig_technology() -> Technology | None:
     :return: a :class:`~vmmig.technology.Technology` naming the technology,
         the platforms it runs on and its features; ``None`` (or no
         implementation) for plugins that provide no technology.
+    """
+
+
+@hookspec(firstresult=True)
+def vmmig_host_problems(plan: MigrationPlan) -> list[str] | None:
+    """Say what this host lacks to run the plan with this plugin's technology.
+
+    Called for the selected technology only, before any VM starts, and
+    before its ``unavailable`` reason is reported: a user learns what the
+    host lacks even where the technology is not finished.
+
+    :param plan: the validated plan (its platform, technology and sizes).
+    :return: one line per missing requirement, naming it; empty or ``None``
+        when nothing is missing.
     """
 
 

@@ -18,8 +18,9 @@ import attrs
 import pluggy
 
 from vmmig import PROJECT, __version__, hookspecs
+from vmmig.config import MigrationPlan
 from vmmig.core.phases import Phase
-from vmmig.errors import PluginError, UnsupportedError
+from vmmig.errors import HostRequirementError, PluginError, UnsupportedError
 from vmmig.migration import Migration
 from vmmig.report import Progress, RoundReport
 from vmmig.technology import Technology
@@ -144,6 +145,23 @@ class PluginHost:
                                   f"{other!r} and plugin {impl.plugin_name!r}")
             found[tech.name] = (tech, impl.plugin)
         return found
+
+    def check_host(self, plan: MigrationPlan) -> None:
+        """Ask the plan's technology what this host lacks for it; stop if anything.
+
+        :raises HostRequirementError: listing every missing requirement.
+        """
+        found = self.technologies().get(plan.tech)
+        if found is None:
+            return  # select() names the unknown technology
+        caller = self.pm.subset_hook_caller(
+            "vmmig_host_problems",
+            remove_plugins=[p for _, p in self.technologies().values() if p is not found[1]])
+        problems = caller(plan=plan) or []
+        if problems:
+            raise HostRequirementError(
+                f"technology {plan.tech!r} cannot run on {plan.platform} here; missing: "
+                + "; ".join(problems))
 
     def select(self, name: str, platform: str, features: Iterable[str] = ()) -> TechnologyHooks:
         """The hooks of technology ``name`` on ``platform``, checked before any VM starts.

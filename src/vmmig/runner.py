@@ -188,6 +188,7 @@ async def run_migration(plan: MigrationPlan, host: PluginHost, *,
     :raises VmmigError: when the technology or platform cannot run; nothing
         was started then.
     """
+    host.check_host(plan)
     hooks = host.select(plan.tech, plan.platform, requested_features(plan))
     interrupts = _Interrupts()
     with interrupts.installed():

@@ -7,6 +7,8 @@ itself; the Migration Handler path is not implemented yet.
 from __future__ import annotations
 
 from vmmig import hookimpl
+from vmmig.config import MigrationPlan
+from vmmig.plugins.sev.qemu_host import sev_host_problems
 from vmmig.technology import Technology
 
 
@@ -19,3 +21,9 @@ def vmmig_technology() -> Technology:
         platforms=("emu", "qemu"),
         unavailable="not implemented yet (needs the emulated platform and the Migration Handler)",
     )
+
+
+@hookimpl
+def vmmig_host_problems(plan: MigrationPlan) -> list[str] | None:
+    """On ``qemu``: what this host lacks for SEV (always the QEMU patches, today)."""
+    return sev_host_problems(es=False) if plan.platform == "qemu" else None
