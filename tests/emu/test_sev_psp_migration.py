@@ -22,7 +22,7 @@ from vmmig.platforms.emu.machine import Machine, MachineConfig
 from vmmig.platforms.emu.psp import Policy
 from vmmig.platforms.emu.qmp_schema import QmpCommandError
 from vmmig.platforms.emu.sev_launch import SevConfig
-from vmmig.platforms.emu.sev_migration_qmp import MAX_TRANSFER
+from vmmig.platforms.emu.sev_migration_qmp import MAX_BATCH_PAGES, MAX_TRANSFER
 
 
 PAGE = 4096
@@ -84,6 +84,17 @@ def _send_pages(source: Machine, target: Machine) -> None:
         qmp(target, "x-sev-receive-update-data", gpa=gpa, **packet)
 
 
+def _send_page_batches(source: Machine, target: Machine) -> None:
+    """One PSP command per page, as KVM, batched over QMP."""
+    for first in range(0, MEMORY // PAGE, MAX_BATCH_PAGES):
+        gpas = [page * PAGE for page in range(first, min(first + MAX_BATCH_PAGES,
+                                                          MEMORY // PAGE))]
+        packets = qmp(source, "x-sev-send-update-pages", gpas=gpas)["packets"]
+        assert all(len(base64.b64decode(p["data"])) == PAGE for p in packets)
+        qmp(target, "x-sev-receive-update-pages",
+            packets=[{"gpa": gpa, **p} for gpa, p in zip(gpas, packets, strict=True)])
+
+
 def _send_registers(source: Machine, target: Machine) -> None:
     """SEV-ES: the VMSAs through the PSPs; SEV: the hypervisor copies the registers."""
     if source.config.tech == "sev-es":
@@ -99,8 +110,10 @@ def _host_view(machine: Machine, gpa: int, size: int = PAGE) -> bytes:
 
 
 class TestMigration:
-    @pytest.mark.parametrize("tech", ["sev", "sev-es"])
-    def test_the_ab_guest_moves_to_another_host_and_runs_on(self, machines, tech):
+    @pytest.mark.parametrize(("tech", "send_pages"), [
+        ("sev", _send_pages), ("sev-es", _send_pages), ("sev", _send_page_batches),
+    ])
+    def test_the_ab_guest_moves_to_another_host_and_runs_on(self, machines, tech, send_pages):
         """Pause, every page and the registers through both PSPs, finish, cont: the target's
         RAM is the source's, the a-b rule holds, and the guest makes passes there."""
         make_source, make_target = machines
@@ -114,7 +127,7 @@ class TestMigration:
         _start(source, target)
         assert qmp(source, "query-sev")["state"] == "send-update"
         assert qmp(target, "query-sev")["state"] == "receive-update"
-        _send_pages(source, target)
+        send_pages(source, target)
         _send_registers(source, target)
         qmp(source, "x-sev-send-finish")
         qmp(target, "x-sev-receive-finish")
@@ -259,6 +272,14 @@ class TestRefusals:
                 qmp(source, name, **arguments)
         qmp(source, "x-sev-send-cancel")
         assert qmp(source, "query-sev")["state"] == "running"
+
+    @pytest.mark.parametrize("count", [0, MAX_BATCH_PAGES + 1])
+    def test_page_batches_are_bounded(self, machines, count):
+        """A batch of no pages, or of more than a batch, is refused before any PSP command."""
+        make_source, _ = machines
+        source = make_source("sev")
+        with pytest.raises(QmpCommandError, match="a batch is 1 to"):
+            qmp(source, "x-sev-send-update-pages", gpas=[0] * count)
 
     @pytest.mark.parametrize(("gpa", "length"), [(1, PAGE), (0, 100), (0, 0),
                                                  (0, MAX_TRANSFER + PAGE)])

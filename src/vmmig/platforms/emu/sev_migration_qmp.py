@@ -38,6 +38,11 @@ Source side, on a launched (or received) guest whose launch is finished:
     the VEK nor plaintext reaches the hypervisor.  The guest may run: the PSP
     allows it in SUPDATE, and pre-copy re-sends what it dirties, as QEMU's
     RAM iteration did.
+``x-sev-send-update-pages {"gpas": [int]}``
+    One SEND_UPDATE_DATA per page, as KVM's ioctl does it, for up to
+    :data:`MAX_BATCH_PAGES` pages in one QMP exchange (the PSP's cost is per
+    command; the batch only saves QMP round trips).  Returns ``{"packets":
+    [{"packet-header": B64, "data": B64}, ...]}`` in the order of ``gpas``.
 ``x-sev-send-update-vmsa {"vcpu": int}``
     SEND_UPDATE_VMSA (SEV-ES only; the PSP refuses an SEV guest with
     POLICY_FAILURE, its registers go through ``x-vcpu-state-export``).  The
@@ -63,6 +68,9 @@ private RAM without a key, status ``inmigrate``:
     RECEIVE_UPDATE_DATA: the PSP checks the packet's MAC (a flipped bit is
     BAD_MEASUREMENT and writes nothing), decrypts it and stores it at
     ``gpa`` under this guest's VEK.  The same page rules as sending.
+``x-sev-receive-update-pages {"packets": [{"gpa": int, "packet-header": B64, "data": B64}]}``
+    RECEIVE_UPDATE_DATA of each one-page packet, in order; the first refusal
+    stops the batch (the packets before it are stored).
 ``x-sev-receive-update-vmsa {"vcpu": int, "packet-header": B64, "data": B64}``
     RECEIVE_UPDATE_VMSA (SEV-ES): the vCPU starts from the imported save
     area, which the host never sees.
@@ -80,7 +88,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from vmmig.agents.pages import PAGE
 from vmmig.platforms.emu.memory import GuestMemory
@@ -102,10 +110,12 @@ from vmmig.platforms.emu.sev_qmp import b64, unb64
 from vmmig.platforms.emu.vcpu import Vcpu
 
 
-__all__ = ["MAX_TRANSFER", "MigratingMachine", "SevMigrationCommands"]
+__all__ = ["MAX_BATCH_PAGES", "MAX_TRANSFER", "MigratingMachine", "SevMigrationCommands"]
 
 #: The most guest bytes one ``x-sev-send-update-data`` or ``x-sev-receive-update-data`` moves.
 MAX_TRANSFER: Final = 1 << 20
+#: The most pages one ``x-sev-send-update-pages`` or ``x-sev-receive-update-pages`` moves.
+MAX_BATCH_PAGES: Final = 256
 
 
 class MigratingMachine(Protocol):
@@ -140,6 +150,12 @@ def _check_pages(gpa: int, length: int) -> None:
                               f"pages at a page boundary, 1 to {MAX_TRANSFER} bytes")
 
 
+def _check_batch(count: int) -> None:
+    if not 1 <= count <= MAX_BATCH_PAGES:
+        raise QmpCommandError("GenericError", f"SEV: a batch is 1 to {MAX_BATCH_PAGES} pages, "
+                              f"not {count}")
+
+
 def _packet(packet: TransportPacket) -> dict[str, object]:
     return {"packet-header": b64(packet.header), "data": b64(packet.ciphertext)}
 
@@ -167,11 +183,13 @@ class SevMigrationCommands:
         for name, handler in (
             ("x-sev-send-start", self.send_start),
             ("x-sev-send-update-data", self.send_update_data),
+            ("x-sev-send-update-pages", self.send_update_pages),
             ("x-sev-send-update-vmsa", self.send_update_vmsa),
             ("x-sev-send-finish", self.send_finish),
             ("x-sev-send-cancel", self.send_cancel),
             ("x-sev-receive-start", self.receive_start),
             ("x-sev-receive-update-data", self.receive_update_data),
+            ("x-sev-receive-update-pages", self.receive_update_pages),
             ("x-sev-receive-update-vmsa", self.receive_update_vmsa),
             ("x-sev-receive-finish", self.receive_finish),
         ):
@@ -213,6 +231,17 @@ class SevMigrationCommands:
             packet = guest.psp.send_update_data(
                 SendUpdateDataRequest(guest.handle, gpa, length), guest.port)
         return _packet(packet)
+
+    def send_update_pages(self, gpas: list[int]) -> dict[str, object]:
+        """One SEND_UPDATE_DATA per page (as KVM), batched in one QMP exchange."""
+        guest = self._guest()
+        _check_batch(len(gpas))
+        for gpa in gpas:
+            _check_pages(gpa, PAGE)
+        with _psp_refusals():
+            packets = [guest.psp.send_update_data(SendUpdateDataRequest(guest.handle, gpa, PAGE),
+                                                  guest.port) for gpa in gpas]
+        return {"packets": [_packet(packet) for packet in packets]}
 
     def send_update_vmsa(self, vcpu: int) -> dict[str, object]:
         """SEND_UPDATE_VMSA (SEV-ES) of a stopped vCPU."""
@@ -271,6 +300,20 @@ class SevMigrationCommands:
                                            ciphertext, gpa)
         with _psp_refusals():
             guest.psp.receive_update_data(request, guest.port)
+
+    def receive_update_pages(self, packets: list[dict[str, Any]]) -> None:
+        """RECEIVE_UPDATE_DATA of each one-page packet, in order."""
+        _check_batch(len(packets))
+        for packet in packets:
+            try:
+                gpa, header, data = packet["gpa"], packet["packet-header"], packet["data"]
+            except KeyError as err:
+                raise QmpCommandError("GenericError", f"SEV: a packet lacks {err}") from None
+            if not isinstance(gpa, int) or not isinstance(header, str) \
+                    or not isinstance(data, str):
+                raise QmpCommandError("GenericError", "SEV: a packet is {gpa: int, "
+                                      "packet-header: str, data: str}")
+            self.receive_update_data(header, data, gpa)
 
     def receive_update_vmsa(self, vcpu: int, packet_header: str, data: str) -> None:
         """RECEIVE_UPDATE_VMSA (SEV-ES): the PSP seals a vCPU's save area into it."""
