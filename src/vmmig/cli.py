@@ -79,6 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     sev.add_argument("--amd-root", metavar="DIR",
                      help="the emulated AMD root, shared by the hosts (default: --host-dir)")
     _add_plan_options(sev, _PSP_COST)
+    mh = start.add_argument_group("the Migration Handler (sev and sev-es)")
+    mh.add_argument("--firmware", metavar="PATH",
+                    help="the MH firmware image to load (default: the built-in one)")
+    mh.add_argument("--mh-queues", type=int, default=1, metavar="N",
+                    help="mailbox queues, one per helper vCPU (1 to 4)")
+    mh.add_argument("--mh-target", action="store_true",
+                    help="with --incoming: launch through the owner with the MH only, "
+                         "to receive a guest from a source's MH")
 
     agent = sub.add_parser("agent", help="one side of a migration's data path (run by vmmig)")
     agent.add_argument("role", choices=("source", "target"))
@@ -191,10 +199,21 @@ def _emu_start(args: argparse.Namespace) -> int:
                                    session_file=args.session_file, host_dir=args.host_dir,
                                    amd_root=args.amd_root,
                                    cost=PspCostModel(sizes.psp_latency, sizes.psp_rate),
-                                   incoming=args.incoming),
+                                   incoming=args.incoming and not args.mh_target),
+        firmware=None if args.firmware is None else _read_firmware(Path(args.firmware)),
+        mh_queues=args.mh_queues,
+        mh_target=args.mh_target,
     )
     asyncio.run(serve(config, paused=args.paused))
     return EXIT_OK
+
+
+def _read_firmware(path: Path) -> bytes:
+    """The bytes of ``--firmware PATH``; ConfigError if unreadable."""
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ConfigError("firmware", f"cannot read {path}: {err.strerror}") from None
 
 
 def _agent(args: argparse.Namespace) -> int:

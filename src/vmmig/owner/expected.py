@@ -122,23 +122,30 @@ def check_firmware(guest: str, launch: ExpectedLaunch, api_major: int, api_minor
 
 def expected_launch_for(tech: str, *, memory: int, vcpus: int, workload: str,
                         policy: Policy | None = None,
-                        min_firmware: FirmwareVersion = ANY_FIRMWARE
-                        ) -> ExpectedLaunch:
+                        min_firmware: FirmwareVersion = ANY_FIRMWARE,
+                        mh_queues: int = 1, mh_target: bool = False,
+                        firmware: bytes | None = None) -> ExpectedLaunch:
     """The expected launch of an emulated machine (``vmmig emu start`` with these options).
 
     The owner builds the same image in scratch memory, as a real owner
-    hashes the OVMF build it hands to the host (later the image will carry
-    the Migration Handler firmware too).
+    hashes the OVMF build it hands to the host: the workload, and the
+    Migration Handler firmware with its launch configuration (roles, queues,
+    mailbox place), so a host that loads another MH gets no secret.
 
     :param policy: None for ``vmmig emu start``'s default of the technology.
-    :raises ConfigError: an unknown workload.
+    :param mh_queues: the MH mailbox's queues (``--mh-queues``).
+    :param mh_target: an MH migration target's launch (``--incoming --mh-target``):
+        the firmware only, and an MH that may only receive.
+    :param firmware: the MH blob; None for the built-in one.
+    :raises ConfigError: an unknown workload or bad MH options.
     """
     # The emulated machine (and Unicorn) only when the owner builds an expectation.
     from vmmig.platforms.emu.machine import MachineConfig, launch_chunks_for  # noqa: PLC0415
     from vmmig.platforms.emu.sev_launch import DEFAULT_POLICY  # noqa: PLC0415
 
     config = MachineConfig(name="owner", memory=memory, vcpus=vcpus, tech=tech,
-                           workload=workload)
+                           workload=workload, incoming=mh_target, firmware=firmware,
+                           mh_queues=mh_queues, mh_target=mh_target)
     return ExpectedLaunch(
         tech=tech,
         policy=Policy.from_value(DEFAULT_POLICY[tech]) if policy is None else policy,

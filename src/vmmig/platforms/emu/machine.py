@@ -39,6 +39,19 @@ migrate through the PSP's own path with ``x-sev-send-*`` and, started with
 ``--incoming`` (no guest context until then), ``x-sev-receive-*``
 (:mod:`.sev_migration_qmp`).
 
+The Migration Handler.  An SEV machine's launch image carries the MH
+firmware (the built-in blob, or ``--firmware FILE``) and its measured
+launch configuration, and the top of its RAM, from a 2 MiB boundary, is the
+MH's mailbox reservation (:mod:`.mh_layout`): the workloads (ab's region,
+the dirty program's, the regs ring) end below it.  ``x-mh-start`` runs the
+MH on its helper vCPU and ``x-query-mh`` reports it (:mod:`.mh_runtime`).
+Started with ``--incoming --mh-target`` (and the owner's launch inputs), a
+machine is an MH migration target: launched and attested like any SEV
+guest, with the firmware and no workload; its vCPUs stay parked and
+``cont`` is refused until its MH committed an imported guest.  A source
+whose MH sealed its manifest or retired refuses ``cont`` (no fork); after
+ABORT it may run again.
+
 Status follows QEMU's run states: ``running``, ``paused``, ``prelaunch`` (an
 SEV machine started with ``-S``: launched and measured, waiting for its
 owner's secret and ``cont``), ``inmigrate`` (started with ``--incoming``:
@@ -60,10 +73,23 @@ import numpy as np
 
 from vmmig.config import parse_size
 from vmmig.errors import ConfigError
-from vmmig.guests.emu import AbParams, DirtyParams, EntryState, RegsParams, load_image, load_program
+from vmmig.firmware.abi import Role
+from vmmig.firmware.image import builtin_image
+from vmmig.guests.emu import (
+    DATA_START,
+    AbParams,
+    DirtyParams,
+    EntryState,
+    RegsParams,
+    load_image,
+    load_program,
+)
+from vmmig.guests.emu.regs_check import ENTRY_SIZE
 from vmmig.platforms.emu.console import SerialConsole
 from vmmig.platforms.emu.dirtylog import DirtyLog, open_dirty_log
 from vmmig.platforms.emu.memory import GuestMemory
+from vmmig.platforms.emu.mh_layout import MhReservation, load_firmware
+from vmmig.platforms.emu.mh_runtime import MhRuntime, register_mh_commands
 from vmmig.platforms.emu.psp import PspError
 from vmmig.platforms.emu.qmp_schema import CommandTable, QmpCommandError
 from vmmig.platforms.emu.sev_launch import SevConfig, SevGuest, check_sev_config, launch_chunks
@@ -75,7 +101,7 @@ from vmmig.platforms.emu.vmsa import Vmsa
 
 
 __all__ = ["EMU_WORKLOADS", "MAX_HOST_ACCESS", "Machine", "MachineConfig", "launch_chunks_for",
-           "load_workload"]
+           "load_guest", "load_workload", "mh_reservation"]
 
 PAGE: Final = 4096
 #: Workloads an emulated guest runs: ``dirty:RATE`` dirties RATE bytes of new pages
@@ -101,6 +127,10 @@ class MachineConfig:
     :ivar run_dir: where the RAM file and dirty page list live.
     :ivar qmp: the QMP socket to create; ``<run_dir>/<name>.qmp`` by default.
     :ivar sev: the launch inputs of an ``sev`` or ``sev-es`` machine.
+    :ivar firmware: the MH firmware blob an SEV machine loads; None for the built-in one.
+    :ivar mh_queues: the MH mailbox's queues (helper vCPUs), 1 to 4.
+    :ivar mh_target: with ``incoming``: launched through the owner with the MH
+        firmware only, to receive a guest from a source's MH.
     """
 
     name: str = attrs.field(validator=attrs.validators.matches_re(r"[A-Za-z0-9][A-Za-z0-9_.-]*"))
@@ -112,6 +142,9 @@ class MachineConfig:
     run_dir: Path = Path()
     qmp: Path | None = None
     sev: SevConfig | None = None
+    firmware: bytes | None = attrs.field(default=None, repr=False)
+    mh_queues: int = 1
+    mh_target: bool = False
 
     @property
     def qmp_path(self) -> Path:
@@ -119,44 +152,84 @@ class MachineConfig:
         return self.qmp if self.qmp is not None else self.run_dir / f"{self.name}.qmp"
 
 
-def load_workload(ram: mmap.mmap, workload: str) -> EntryState:
+def load_workload(ram: mmap.mmap, workload: str, end: int | None = None) -> EntryState:
     """Load the program that runs ``workload`` into guest RAM, as firmware would.
 
+    :param end: where the workload's data must end (None: the end of RAM).
     :raises ConfigError: for an unknown workload.
     """
-    program, params = program_for(workload)
+    program, params = program_for(workload, end)
     if program == "idle":
         return load_image(ram, _HLT)
     return load_program(ram, program, params=params)  # type: ignore[arg-type]
 
 
-def _initial_vmsas(entry: EntryState, vcpus: int) -> list[Vmsa]:
+def _initial_vmsas(entry: EntryState | None, vcpus: int) -> list[Vmsa]:
     """Every vCPU's launch registers: the entry state for vCPU 0, reset state for the rest."""
-    return [entry.vmsa] + [Vmsa()] * (vcpus - 1)
+    return [Vmsa() if entry is None else entry.vmsa] + [Vmsa()] * (vcpus - 1)
+
+
+def mh_reservation(config: MachineConfig) -> MhReservation | None:
+    """The MH mailbox reservation of an SEV machine; None for plain.
+
+    :raises ConfigError: MH options on a plain machine, or RAM too small.
+    """
+    if config.tech == "plain":
+        given = [name for name, value in (("--firmware", config.firmware is not None),
+                                          ("--mh-queues", config.mh_queues != 1),
+                                          ("--mh-target", config.mh_target)) if value]
+        if given:
+            raise ConfigError("tech", f"only sev and sev-es machines take {', '.join(given)}")
+        return None
+    if config.mh_target and not config.incoming:
+        raise ConfigError("mh-target", "--mh-target is a migration target's: add --incoming")
+    return MhReservation(config.memory, config.mh_queues)
+
+
+def load_guest(ram: mmap.mmap, config: MachineConfig) -> EntryState | None:
+    """Load what ``config`` boots: the workload and, on SEV, the MH firmware.
+
+    :returns: vCPU 0's entry state; None for an MH target (no workload).
+    :raises ConfigError: an unknown workload, bad MH options, a firmware that does not fit.
+    """
+    reservation = mh_reservation(config)
+    if reservation is None:
+        return load_workload(ram, config.workload)
+    entry = None if config.mh_target else \
+        load_workload(ram, config.workload, reservation.mailbox_gpa)
+    roles = frozenset({Role.TARGET if config.mh_target else Role.SOURCE})
+    image = builtin_image() if config.firmware is None else config.firmware
+    load_firmware(ram, reservation, roles, image)
+    return entry
 
 
 def launch_chunks_for(config: MachineConfig) -> list[bytes]:
     """What an SEV machine started with ``config`` measures: the guest owner's expectation.
 
-    The owner loads the same workload into a scratch RAM of the same size,
-    as a real owner hashes the firmware build it handed to the host; feed
-    the result to :func:`~vmmig.platforms.emu.psp.launch_digest`.
+    The owner loads the same workload and MH firmware into a scratch RAM of
+    the same size, as a real owner hashes the firmware build it handed to
+    the host; feed the result to :func:`~vmmig.platforms.emu.psp.launch_digest`.
     """
     with mmap.mmap(-1, config.memory) as scratch:
-        entry = load_workload(scratch, config.workload)
+        entry = load_guest(scratch, config)
         return launch_chunks(scratch, _initial_vmsas(entry, config.vcpus),
                              es=config.tech == "sev-es")
 
 
-def program_for(workload: str) -> tuple[str, AbParams | DirtyParams | RegsParams | None]:
+def program_for(workload: str, end: int | None = None
+                ) -> tuple[str, AbParams | DirtyParams | RegsParams | None]:
     """The guest program and parameters that run ``workload``.
 
+    :param end: where the workload's data must end (None: the end of RAM).
     :raises ConfigError: for an unknown workload or a bad dirty rate.
     """
     if workload in {"ab", "fill"}:
-        return "ab64", AbParams(passes=1 if workload == "fill" else 0)
+        return "ab64", AbParams(end=end, passes=1 if workload == "fill" else 0)
     if workload == "regs":
-        return "regs", RegsParams()
+        if end is None:
+            return "regs", RegsParams()
+        room = (end - DATA_START) // ENTRY_SIZE
+        return "regs", RegsParams(ring_entries=min(RegsParams().ring_entries, room))
     if workload == "idle":
         return "idle", None
     if match := re.fullmatch(r"dirty:([^:]+)(?::(sequential|random))?", workload):
@@ -166,7 +239,7 @@ def program_for(workload: str) -> tuple[str, AbParams | DirtyParams | RegsParams
             raise ConfigError("workload", f"dirty rate: {err}") from None
         pattern: Literal["sequential", "random"] = "random" if match[2] == "random" \
             else "sequential"
-        return "dirty", DirtyParams(bytes_per_second=rate, pattern=pattern)
+        return "dirty", DirtyParams(bytes_per_second=rate, end=end, pattern=pattern)
     raise ConfigError("workload", f"{workload!r} is not an emulated workload; choose one of "
                       f"{', '.join(EMU_WORKLOADS)}")
 
@@ -176,6 +249,7 @@ class Machine:
 
     def __init__(self, config: MachineConfig) -> None:
         check_sev_config(config.tech, config.sev)
+        reservation = mh_reservation(config)
         self.config = config
         if config.sev is None:
             self.memory = GuestMemory(config.memory, path=config.run_dir / f"{config.name}.ram")
@@ -198,7 +272,12 @@ class Machine:
         self._dirty_pages: mmap.mmap | None = None
         #: The SEV guest context (PSP, handle, measurement); None for plain.
         self.sev: SevGuest | None = None
-        if not config.incoming:
+        launched = not config.incoming or config.mh_target
+        #: The Migration Handler of a launched SEV guest; None otherwise.
+        self.mh = None if reservation is None or not launched else MhRuntime(
+            self.memory, self.shared_pages, reservation=reservation,
+            irq_path=config.run_dir / f"{config.name}.mh", target=config.mh_target)
+        if launched:
             try:
                 self._boot(config)
             except BaseException:
@@ -217,19 +296,24 @@ class Machine:
         self.commands.add("x-memory-read", self.memory_read)
         self.commands.add("x-memory-write", self.memory_write)
         self.shared_pages.register(self.commands)
-        migration = SevMigrationCommands(self, config.sev, incoming=config.incoming)
+        register_mh_commands(self.commands, self.mh)
+        migration = SevMigrationCommands(self, config.sev,
+                                         incoming=config.incoming and not config.mh_target)
         migration.register(self.commands)
         SevCommands(lambda: self.sev, migration.host).register(self.commands)
 
     def _boot(self, config: MachineConfig) -> None:
-        """Load the workload and, for SEV, launch it through the PSP (``prelaunch``)."""
-        entry = load_workload(self.memory.ram, config.workload)
-        if config.sev is None or not config.sev.policy.es:
+        """Load the workload and, for SEV, launch it through the PSP (``prelaunch``).
+
+        An MH target loads the firmware only and stays ``inmigrate``.
+        """
+        entry = load_guest(self.memory.ram, config)
+        if entry is not None and (config.sev is None or not config.sev.policy.es):
             self.vcpus[0].load_vmsa(entry.vmsa)
         if config.sev is not None:
             self.sev = SevGuest.launch(config.sev, self.memory, self.vcpus,
                                        _initial_vmsas(entry, config.vcpus))
-            self.status = "prelaunch"
+            self.status = "inmigrate" if config.mh_target else "prelaunch"
 
     # -- run state ---------------------------------------------------------------
 
@@ -240,6 +324,8 @@ class Machine:
 
     def start(self) -> None:
         """Run the workload's vCPU (the others stay parked)."""
+        if self.mh is not None:
+            self.mh.check_may_run()
         self._resume_vcpus()
         self.status = "running"
 
@@ -256,6 +342,8 @@ class Machine:
         """Resume the guest (QEMU's ``cont``); a target resumes after its state arrived."""
         if self.status == "running":
             return
+        if self.mh is not None:
+            self.mh.check_may_run()
         self._resume_vcpus()
         self.status = "running"
         self.on_event("RESUME", None)
@@ -389,7 +477,9 @@ class Machine:
                                   f"{MAX_HOST_ACCESS} bytes")
 
     def close(self) -> None:
-        """Stop every vCPU and release the RAM."""
+        """Stop every vCPU (the MH's helper too) and release the RAM."""
+        if self.mh is not None:
+            self.mh.close()
         for vcpu in self.vcpus:
             vcpu.stop(PAUSE_TIMEOUT)
         self.dirty_log_stop()
