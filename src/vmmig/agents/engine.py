@@ -16,10 +16,11 @@ and opens on the target.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -28,6 +29,7 @@ import numpy as np
 from vmmig.agents.pages import PageBatcher, PageReceiver, prefault, ram_pages
 from vmmig.channel import Channel, FrameKind
 from vmmig.channel.frames import FrameHeader, ProtocolError
+from vmmig.channel.stream import ChannelClosed
 from vmmig.core.precopy import PrecopyLimits, PrecopyPolicy, Reason, RoundResult, pacing_delay
 from vmmig.errors import MigrationFailed
 
@@ -40,6 +42,8 @@ __all__ = ["MachineMonitor", "RoundStats", "SourceEngine", "SourcePages", "Sourc
            "TargetPages", "run_source", "run_target"]
 
 PAGE = 4096
+#: How long a source whose stream broke waits for the target's ABORT frame.
+ABORT_REASON_TIMEOUT = 2.0
 
 
 class SourcePages(Protocol):
@@ -111,6 +115,28 @@ def _sync_dirty(monitor: MachineMonitor, dirty_file: mmap.mmap) -> np.ndarray:
     return np.frombuffer(dirty_file, dtype="<u8", count=count).astype(np.uint64)
 
 
+def _abort_reason(channel: Channel) -> str | None:
+    """Why the target closed the channel, if it said so (an ABORT frame) in time."""
+    channel.sock.settimeout(ABORT_REASON_TIMEOUT)
+    try:
+        kind, message = channel.receive_json()
+    except (ChannelClosed, OSError, ProtocolError):
+        return None
+    return str(message.get("reason")) if kind is FrameKind.ABORT else None
+
+
+@contextlib.contextmanager
+def _target_reason(channel: Channel) -> Iterator[None]:
+    """A stream the target broke off becomes :class:`MigrationFailed` with its reason."""
+    try:
+        yield
+    except ChannelClosed:
+        reason = _abort_reason(channel)
+        if reason is None:
+            raise
+        raise MigrationFailed(f"target: {reason}") from None
+
+
 def _send_pages(channel: Channel, batcher: SourcePages, pages: np.ndarray, *,
                 bandwidth_cap: float = 0.0, started: float = 0.0) -> int:
     """Send ``pages`` in batches, keeping the channel within the cap since ``started``.
@@ -160,7 +186,14 @@ class SourceEngine:
         self._stopped_at = 0.0
 
     def precopy(self) -> RoundStats:
-        """Send rounds while the guest runs, until the policy stops; returns the last round."""
+        """Send rounds while the guest runs, until the policy stops; returns the last round.
+
+        :raises MigrationFailed: the target stopped the stream, with its reason.
+        """
+        with _target_reason(self.channel):
+            return self._precopy()
+
+    def _precopy(self) -> RoundStats:
         policy = PrecopyPolicy(self.limits)
         started = time.monotonic()
         while True:
@@ -182,7 +215,14 @@ class SourceEngine:
                 return stats
 
     def stop_and_copy(self) -> int:
-        """Pause the guest and send every page still dirty; returns how many."""
+        """Pause the guest and send every page still dirty; returns how many.
+
+        :raises MigrationFailed: the target stopped the stream, with its reason.
+        """
+        with _target_reason(self.channel):
+            return self._stop_and_copy()
+
+    def _stop_and_copy(self) -> int:
         self._stopped_at = time.monotonic()
         self.monitor.cmd("stop")
         last = _sync_dirty(self.monitor, self._dirty_file)
