@@ -274,6 +274,7 @@ class MhRuntime:
                     sock.shutdown(socket.SHUT_RDWR)
         if self._thread is not None:
             self._thread.join(_JOIN_TIMEOUT)
+        self.handler = None  # its view of RAM would keep the mapping from closing
         if self._listener is not None:
             self._listener.close()
             self.irq_path.unlink(missing_ok=True)
