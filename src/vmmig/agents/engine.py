@@ -21,7 +21,7 @@ import json
 import mmap
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
 import numpy as np
@@ -38,10 +38,12 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 
-__all__ = ["MachineMonitor", "RoundStats", "SourceEngine", "SourcePages", "SourceResult",
-           "TargetPages", "run_source", "run_target"]
+__all__ = ["MachineMonitor", "PipelinedPages", "RoundStats", "SourceEngine", "SourcePages",
+           "SourceResult", "TargetPages", "run_source", "run_target"]
 
 PAGE = 4096
+#: How many batches ahead a pipelined page path is told about.
+PREFETCH_BATCHES = 8
 #: How long a source whose stream broke waits for the target's ABORT frame.
 ABORT_REASON_TIMEOUT = 2.0
 
@@ -57,6 +59,25 @@ class SourcePages(Protocol):
 
     def batch(self, page_numbers: np.ndarray) -> Sequence[Buffer]:
         """The payload parts of one PAGES frame for these pages (valid until the next call)."""
+
+
+@runtime_checkable
+class PipelinedPages(Protocol):
+    """What a source page path may add (the MH's does): a RAM bound and early starts.
+
+    A path that seals in another agent of the guest (the MH on its helper
+    vCPU) wants the next batches before it is asked for them, so that it
+    seals while the channel sends.
+    """
+
+    #: Pages at and above this are not the path's to send (the MH's own mailbox).
+    ram_pages: int
+
+    def prefetch(self, upcoming: Sequence[np.ndarray]) -> None:
+        """The batches :meth:`SourcePages.batch` will be asked for next, in order.
+
+        Called before each ``batch``; the list starts with that call's batch.
+        """
 
 
 class TargetPages(Protocol):
@@ -145,7 +166,13 @@ def _send_pages(channel: Channel, batcher: SourcePages, pages: np.ndarray, *,
     """
     before = channel.bytes_sent
     step = batcher.batch_pages
+    pipelined = batcher if isinstance(batcher, PipelinedPages) else None
+    if pipelined is not None:
+        pages = pages[pages < pipelined.ram_pages]
     for start in range(0, len(pages), step):
+        if pipelined is not None:
+            ahead = range(start, min(len(pages), start + PREFETCH_BATCHES * step), step)
+            pipelined.prefetch([pages[at:at + step] for at in ahead])
         channel.send(FrameKind.PAGES, *batcher.batch(pages[start:start + step]))
         delay = pacing_delay(channel.bytes_sent, time.monotonic() - started, bandwidth_cap)
         if delay:
