@@ -94,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--address", required=True, metavar="URI",
                        help="target: where to listen; source: where to connect "
                             "(tcp:HOST:PORT or unix:PATH)")
+    agent.add_argument("--page-path", choices=("plain", "mh"), default="plain",
+                       help="plain: the agents map guest RAM; mh: the guests' Migration "
+                            "Handlers seal and open the pages (both agents)")
     _add_plan_options(agent, _AGENT_LIMITS)
     add_owner_parser(sub)
     return parser
@@ -222,7 +225,7 @@ def _agent(args: argparse.Namespace) -> int:
     # The precopy limits are the plan's fields, parsed with the same one-line errors.
     plan = load_plan(None, _plan_options(args, _AGENT_LIMITS))
     return run_agent(AgentOptions(role=args.role, qmp=args.qmp, address=args.address,
-                                  limits=precopy_limits(plan)))
+                                  limits=precopy_limits(plan), page_path=args.page_path))
 
 
 def summary(report: MigrationReport) -> str:

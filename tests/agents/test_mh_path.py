@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
 from mh_fake import FakeMh, FakeMonitor, guest_ram
 
+from vmmig.agents import agent
+from vmmig.agents.agent import AgentOptions
 from vmmig.agents.engine import run_source
 from vmmig.agents.mh_session import SourceSession, open_mailbox, receive_guest
 from vmmig.channel import FRAME_HEADER, Channel, FrameKind
@@ -197,3 +202,37 @@ class TestHostileChannel:
         assert "did not answer HELLO" in outcome["target-error"]
         assert "did not answer HELLO" in outcome["source-error"]
         assert events["source"] == []
+
+
+class TestAgents:
+    def test_agents_with_the_mh_page_path_report_manifest_and_commit(self, pair):
+        """The agent processes' logic (`--page-path mh`), with the fake machines' QMP."""
+        source_mh, target_mh, run_dir = pair
+        address = f"unix:{run_dir}/channel.sock"
+        target_events = io.StringIO()
+
+        def target() -> None:
+            options = AgentOptions(role="target", qmp="-", address=address, page_path="mh")
+            agent._target(options, FakeMonitor(target_mh, run_dir),
+                          agent._Control(target_events, io.StringIO()))
+
+        thread = threading.Thread(target=target)
+        thread.start()
+        while not (run_dir / "channel.sock").exists():
+            time.sleep(0.01)
+        commands = io.StringIO("".join(json.dumps({"cmd": c}) + "\n"
+                                       for c in ("migrate", "stop", "finish")))
+        source_events = io.StringIO()
+        options = AgentOptions(role="source", qmp="-", address=address, page_path="mh",
+                               limits=PrecopyLimits(downtime_limit=0.001, max_rounds=2))
+        agent._source(options, FakeMonitor(source_mh, run_dir, dirty=10),
+                      agent._Control(source_events, commands))
+        thread.join(30)
+
+        def names(stream):
+            return [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
+
+        assert names(target_events) == ["listening", "verified", "committed", "received"]
+        source = names(source_events)
+        assert source[-3:] == ["manifest", "committed", "done"]
+        assert np.array_equal(source_mh.memory, target_mh.memory)

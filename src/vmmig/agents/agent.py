@@ -17,6 +17,22 @@ JSON lines: events on stdout, commands on stdin.  The control protocol::
     source -> {"event": "done", ...}                    totals; exit 0
     either -> {"event": "error", "message": M}          exit 1
 
+With ``--page-path mh`` (both agents) the machines' Migration Handlers move
+the pages as sealed records (:mod:`vmmig.agents.mh_session`): the source
+opens the MH session after ``migrate`` and before ``started``, and the
+target's MH must verify and commit before the target reports ``received``::
+
+    source -> {"event": "manifest"}       after "finish": its MH sealed the manifest;
+                                          from here the source resumes only on the
+                                          target's abort token
+    target -> {"event": "verified"}       its MH checked the manifest against what it holds
+    target -> {"event": "committed"}      its MH committed: the guest lives here now
+    source -> {"event": "committed"}      the target's receipt retired the source's MH;
+                                          then "done"
+
+An ``error`` from a source whose MH is sealed without a token says that the
+source must not resume.
+
 Anything but the expected command (or end of input: the orchestrator is
 gone) aborts: the source tells the target, and exits leaving its guest as it
 is (the orchestrator resumes it).  The agent never resumes a guest itself.
@@ -37,6 +53,7 @@ from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from vmmig.agents.engine import RoundStats, SourceEngine, run_target
+from vmmig.agents.mh_session import SourceSession, open_mailbox, receive_guest
 from vmmig.channel import Channel, FrameKind, connect, listen
 from vmmig.core.precopy import PrecopyLimits
 from vmmig.errors import MigrationFailed, VmmigError
@@ -56,12 +73,16 @@ class AgentOptions:
     :ivar qmp: the machine's QMP socket.
     :ivar address: where the target listens, or where the source connects.
     :ivar limits: the source's precopy limits.
+    :ivar page_path: ``plain`` (the agents map guest RAM) or ``mh`` (the guests'
+        Migration Handlers seal and open the pages).
     """
 
     role: str = attrs.field(validator=attrs.validators.in_(("source", "target")))
     qmp: str
     address: str
     limits: PrecopyLimits | None = None
+    page_path: str = attrs.field(default="plain",
+                                 validator=attrs.validators.in_(("plain", "mh")))
 
 
 class _Control:
@@ -127,7 +148,11 @@ def _target(options: AgentOptions, monitor: QEMUMonitorProtocol, control: _Contr
             raise MigrationFailed(f"no source connected within {ACCEPT_TIMEOUT:.0f} s") from None
     sock.settimeout(None)
     with Channel(sock) as channel:
-        pages = run_target(monitor, channel)
+        if options.page_path == "mh":
+            with open_mailbox(monitor) as client:
+                pages = receive_guest(monitor, client, channel, control.emit)
+        else:
+            pages = run_target(monitor, channel)
     control.emit("received", pages=pages)
 
 
@@ -146,10 +171,14 @@ def _round_event(stats: RoundStats) -> dict[str, object]:
 
 def _source(options: AgentOptions, monitor: QEMUMonitorProtocol, control: _Control) -> None:
     assert options.limits is not None
-    with connect(options.address) as channel:
+    with connect(options.address) as channel, contextlib.ExitStack() as mailbox:
         control.emit("ready")
         control.expect("migrate")
-        engine = SourceEngine(monitor, channel, options.limits)
+        session = None
+        if options.page_path == "mh":
+            session = SourceSession.open(mailbox.enter_context(open_mailbox(monitor)), channel)
+        engine = SourceEngine(monitor, channel, options.limits,
+                              pages=None if session is None else session.pages)
         engine.on_round = lambda stats: control.emit("round", **_round_event(stats),
                                                      normal=engine.batcher.normal,
                                                      zero=engine.batcher.zero)
@@ -163,10 +192,14 @@ def _source(options: AgentOptions, monitor: QEMUMonitorProtocol, control: _Contr
             control.emit("stopped", pages=pages, seconds=time.monotonic() - stop_started)
             control.expect("finish")
             result = engine.finish()
+            if session is not None:
+                session.commit(control.emit)
         except BaseException as err:
             # Tell the target why, if the channel still carries anything.
             with contextlib.suppress(OSError, VmmigError):
                 channel.send_json(FrameKind.ABORT, {"reason": str(err)})
+            if session is not None:
+                raise MigrationFailed(session.abort(err)) from err
             raise
         finally:
             # Cleanup only: a machine that is gone has no dirty log left to stop.
