@@ -44,7 +44,7 @@ from vmmig.owner import (
     expected_launch_for,
     launch_files,
 )
-from vmmig.platforms.emu.machine import Machine
+from vmmig.platforms.emu.machine import Machine, MachineConfig
 from vmmig.platforms.emu.qmp_schema import QmpCommandError
 
 
@@ -194,8 +194,9 @@ def test_a_source_resumes_after_abort_with_the_targets_token(make):
         dst_host.close()
 
 
-def test_the_mh_refuses_to_start_without_the_owners_secret(make):
-    machine, _ = make("src")
+@pytest.mark.parametrize("tech", ["sev", "sev-es"])
+def test_the_mh_refuses_to_start_without_the_owners_secret(make, tech):
+    machine, owner = make("src", tech=tech)
     with pytest.raises(QmpCommandError, match="MH: no secret in the secret area"):
         qmp(machine, "x-mh-start")
     info = qmp(machine, "x-query-mh")
@@ -203,6 +204,11 @@ def test_the_mh_refuses_to_start_without_the_owners_secret(make):
     assert info["role"] is None
     assert not Path(info["irq-path"]).exists()
     assert qmp(machine, "x-query-shared") == []
+    inject_master_secret(machine, owner)
+    qmp(machine, "x-mh-start")
+    with pytest.raises(QmpCommandError, match="already running"):
+        qmp(machine, "x-mh-start")
+    assert qmp(machine, "x-query-mh")["state"] == "running"
 
 
 def test_the_mailbox_is_shared_and_a_canary_elsewhere_stays_ciphertext(make):
@@ -267,13 +273,22 @@ def test_a_foreign_firmware_is_measured_and_never_run(make):
         qmp(machine, "x-mh-start")
 
 
-def test_mh_options_are_checked(make):
+def test_mh_options_are_checked(make, tmp_path):
     with pytest.raises(ConfigError, match="add --incoming"):
         make("dst", mh_target=True)
     with pytest.raises(ConfigError, match="1 to 4"):
         make("src", mh_queues=5)
     with pytest.raises(ConfigError, match="no room for the workload"):
         make("src", mh_queues=4, memory=16 * MIB)
+    with pytest.raises(ConfigError, match="only sev and sev-es machines take --firmware"):
+        Machine(MachineConfig(name="plain", memory=16 * MIB, run_dir=tmp_path,
+                              firmware=builtin_image()))
+    plain = Machine(MachineConfig(name="plain", memory=16 * MIB, run_dir=tmp_path))
+    try:
+        with pytest.raises(QmpCommandError, match="no Migration Handler"):
+            qmp(plain, "x-query-mh")
+    finally:
+        plain.close()
 
 
 @pytest.mark.parametrize("modified", [True, False], ids=["modified", "built-in"])
