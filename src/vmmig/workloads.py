@@ -36,6 +36,8 @@ __all__ = [
 
 #: Workloads a boot-sector guest can run, by name.
 GUEST_WORKLOADS: Final = ("ab", "fill", "idle")
+#: Workloads run by the a-b guest, whose memory obeys the a-b edge rule.
+_AB_FAMILY: Final = frozenset({"ab", "fill"})
 #: Workloads whose guest halts: a resumed one shows it runs by its state alone.
 _HALTING: Final = frozenset({"fill", "idle"})
 
@@ -65,7 +67,7 @@ def check_workload(workload: str, scan: RamScan, memory: Buffer | None = None
     :param memory: the target's whole RAM, which ``regs`` needs.
     :return: (check name, one-line detail, ok).
     """
-    if workload in {"ab", "fill"}:
+    if workload in _AB_FAMILY:
         region = ab_region(scan.first_page, scan.size)
         result = check_ab_heads(scan.page_heads, region)
         return "a-b", result.detail, result.ok
@@ -116,7 +118,7 @@ async def wait_workload_ready(workload: str, memory: Buffer) -> None:
     :raises PlatformError: when the guest does not get there in time.
     """
     ready: Callable[[], bool]
-    if workload in {"ab", "fill"}:
+    if workload in _AB_FAMILY:
         ready = lambda: ab_passes(memory) >= 1  # noqa: E731
     elif workload == "regs":
         ready = lambda: regs_checkpoints(memory) >= 1  # noqa: E731

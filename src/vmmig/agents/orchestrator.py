@@ -15,6 +15,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from vmmig.agents.process import AgentProcess
 from vmmig.errors import MigrationFailed, PlatformError
 from vmmig.migration import Migration
@@ -77,6 +79,11 @@ class _Rounds:
         self.transferred = 0
         self.seconds = 0.0
 
+    @property
+    def mbps(self) -> float:
+        """Megabits per second over the time pages were moving."""
+        return self.transferred * 8 / max(self.seconds, 1e-9) / 1e6
+
     def __call__(self, event: dict[str, Any]) -> None:
         if event.get("event") != "round":
             return
@@ -91,7 +98,7 @@ class _Rounds:
             transferred=self.transferred, total=migration.plan.memory, remaining=remaining,
             normal=int(event["normal"]), duplicate=int(event["zero"]),
             normal_bytes=int(event["normal"]) * PAGE, dirty_pages_rate=rate,
-            mbps=self.transferred * 8 / max(self.seconds, 1e-9) / 1e6, dirty_sync_count=number)
+            mbps=self.mbps, dirty_sync_count=number)
         migration.round_done(RoundReport(number, self.transferred, remaining, rate))
         migration.progress(Progress(self.transferred, remaining, migration.plan.memory,
                                     migration.ram.mbps, number))
@@ -128,12 +135,11 @@ async def transfer_cpu_state(migration: Migration) -> None:
     await target.expect("received", STEP_TIMEOUT)
     rounds: _Rounds = migration.scratch["rounds"]
     migration.downtime_ms = int(float(done["downtime"]) * 1000)
-    migration.ram = RamStats(
-        transferred=int(done["sent-bytes"]), total=migration.plan.memory, remaining=0,
+    rounds.transferred = int(done["sent-bytes"])
+    migration.ram = attrs.evolve(
+        migration.ram, transferred=rounds.transferred, remaining=0,
         normal=int(done["normal"]), duplicate=int(done["zero"]),
-        normal_bytes=int(done["normal"]) * PAGE,
-        dirty_pages_rate=migration.ram.dirty_pages_rate,
-        mbps=int(done["sent-bytes"]) * 8 / max(rounds.seconds, 1e-9) / 1e6,
+        normal_bytes=int(done["normal"]) * PAGE, mbps=rounds.mbps,
         # QEMU counts the final sync of stop-and-copy as a pass too.
         dirty_sync_count=migration.ram.dirty_sync_count + 1)
     for role in ("source", "target"):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vmmig.errors import MigrationFailed, PlatformError
-from vmmig.platforms.qmp_process import describe_exit, die_with_parent_preexec
+from vmmig.platforms.qmp_process import describe_exit, die_with_parent_preexec, log_tail
 
 
 __all__ = ["AgentProcess"]
@@ -142,10 +142,6 @@ class AgentProcess:
             async with asyncio.timeout(_EXIT_GRACE):
                 await self._process.wait()
         status = "still running" if self.returncode is None else describe_exit(self.returncode)
-        said = ""
-        with contextlib.suppress(OSError):
-            lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines()
-                     if ln.strip()]
-            if lines:
-                said = f"; it said: {' | '.join(lines[-3:])}"
+        tail = log_tail(self.log_path, 3)
+        said = f"; it said: {' | '.join(tail.splitlines())}" if tail else ""
         return MigrationFailed(f"{self.role} agent ended ({status}) {when}{said}")

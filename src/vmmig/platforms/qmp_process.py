@@ -38,7 +38,7 @@ from vmmig.errors import HostRequirementError, PlatformError
 
 
 __all__ = ["QmpProcess", "default_workdir", "describe_exit", "die_with_parent_preexec",
-           "machine_file", "map_ram_file"]
+           "log_tail", "machine_file", "map_ram_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,17 @@ def map_ram_file(name: str, path: Path, size: int) -> mmap.mmap:
             return mmap.mmap(ram.fileno(), size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
     except OSError as err:
         raise PlatformError(f"{name}: cannot map guest RAM: {err}") from err
+
+
+def log_tail(path: Path, n: int = 5) -> str:
+    """The last ``n`` non-empty lines of a child's log file (empty if none or no file)."""
+    try:
+        with path.open("rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - 16384))
+            text = log.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join([line for line in text.splitlines() if line.strip()][-n:])
 
 
 def describe_exit(returncode: int) -> str:
@@ -381,13 +392,7 @@ class QmpProcess:
 
     def log_tail(self, n: int = 5) -> str:
         """Return the last ``n`` non-empty lines the process printed (empty if none)."""
-        try:
-            with self.log_path.open("rb") as log:
-                log.seek(max(0, log.seek(0, os.SEEK_END) - 16384))
-                text = log.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join([line for line in text.splitlines() if line.strip()][-n:])
+        return log_tail(self.log_path, n)
 
     # -- Subclass hooks -------------------------------------------------------------
 
