@@ -105,6 +105,16 @@ class MhSourcePages:
         assert export.reply is not None
         return [export.reply.payload]
 
+    def drain(self) -> None:
+        """Collect every export still in flight, whatever the MH answered: their slots
+        must be free before ABORT goes through the same queues."""
+        for export in self._window:
+            if export.reply is None:
+                export.reply = self.client.wait(export.ticket)
+        self._window.clear()
+        self._handed_out = None
+        self._ahead = 0
+
     def _post(self, pages: np.ndarray) -> None:
         if len(pages) > self.batch_pages:
             raise ValueError(f"{len(pages)} pages exceed the MH's batch of {self.batch_pages}")

@@ -213,6 +213,10 @@ class SourceSession:
         if self.sealed and not token:
             return (f"{reason}; the source's MH is sealed and got no abort token from the "
                     "target: the source must not resume")
+        try:
+            self.pages.drain()
+        except VmmigError as stuck:
+            return f"{reason}; the source's MH could not abort ({stuck})"
         refused = _abort_mh(self.client, token)
         if refused is not None:
             return f"{reason}; the source's MH could not abort ({refused})"
