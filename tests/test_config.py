@@ -17,10 +17,10 @@ def write(tmp_path, text):
 class TestSizes:
     @pytest.mark.parametrize(("text", "size"), [
         ("1G", 1 << 30), ("512M", 512 << 20), ("1GiB", 1 << 30), ("64k", 64 << 10),
-        (256, 256 << 20),
+        (256, 256 << 20), ("256", 256 << 20), ("4096B", 4096),
     ])
     def test_sizes_parse_like_qemu(self, text, size):
-        """Sizes take K/M/G/T suffixes; a bare number is MiB, as QEMU's -m."""
+        """Sizes take K/M/G/T suffixes, B alone is bytes; a bare number is MiB, as QEMU's -m."""
         assert parse_size(text) == size
 
     @pytest.mark.parametrize("text", ["1X", "", "-1G", True, 1.5])

@@ -28,7 +28,8 @@ _UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def parse_size(value: object) -> int:
-    """Parse a size like QEMU's ``-m``: ``1G``, ``512M``, ``1GiB``; a bare number is MiB."""
+    """Parse a size like QEMU's ``-m``: ``1G``, ``512M``, ``1GiB``; ``4096B`` is bytes, a bare
+    number MiB."""
     if isinstance(value, bool):
         raise ValueError("expected a size such as 1G or 512M")
     if isinstance(value, int):
@@ -36,7 +37,9 @@ def parse_size(value: object) -> int:
     if not isinstance(value, str) or not (match := _SIZE.match(value)):
         raise ValueError(f"expected a size such as 1G or 512M, got {value!r}")
     number, unit = int(match[1]), match[2].upper()
-    return number << 20 if not unit else number * _UNITS[unit]
+    if not unit:
+        return number if match[3] else number << 20  # "4096B" is bytes
+    return number * _UNITS[unit]
 
 
 def _integer(low: int, high: int | None = None, unit: str = "") -> Callable[[object], int]:
@@ -163,6 +166,10 @@ class MigrationPlan:
     migrate_uri: str | None = _field(None, _uri, "URI the source connects to "
                                      "(default: where the target listens)", "URI")
     json: str | None = _field(None, _text, "write the report as JSON to this file", "FILE")
+    strategy: str = _field("mh", _choice("mh", "psp"), "sev/sev-es page path: mh (the guest's "
+                           "Migration Handler) or psp (the PSP's SEND/RECEIVE commands)")
+    mh_queues: int = _field(1, _integer(1, 4), "Migration Handler mailbox queues, one per "
+                            "helper vCPU", "N")
     # The emulated PSP's cost model; defaults are assumptions (vmmig.platforms.emu.psp.cost).
     psp_latency: float = _field(15.0, _microseconds, "emulated PSP: latency per command in "
                                 "microseconds (an assumption)", "US")
@@ -216,7 +223,8 @@ def _convert(field: PlanField, raw: object, where: str) -> object:
 def requested_features(plan: MigrationPlan) -> tuple[str, ...]:
     """The optional features a plan asks of its technology (options set off their default)."""
     wanted = {"auto-converge": plan.auto_converge, "bandwidth": plan.bandwidth > 0,
-              "multifd": plan.multifd_channels > 0}
+              "multifd": plan.multifd_channels > 0, "psp-strategy": plan.strategy == "psp",
+              "mh-queues": plan.mh_queues > 1}
     return tuple(feature for feature, asked in wanted.items() if asked)
 
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "GUEST_WORKLOADS",
     "check_workload",
+    "guest_halts",
     "guest_image_name",
     "wait_guest_progress",
     "wait_workload_ready",
@@ -57,6 +58,11 @@ def guest_image_name(workload: str) -> str:
         raise ConfigError("workload", f"{workload!r} is not available here; "
                           f"choose one of: {', '.join(GUEST_WORKLOADS)}")
     return workload
+
+
+def guest_halts(workload: str) -> bool:
+    """Whether the workload's guest halts once done (a resumed one shows it runs by its state)."""
+    return workload in _HALTING
 
 
 def check_workload(workload: str, scan: RamScan, memory: Buffer | None = None
@@ -97,7 +103,7 @@ async def wait_guest_progress(workload: str, memory: Buffer,
     """
     if (state := await status()) != "running":
         return False, f"guest is {state!r}, not running"
-    if workload in _HALTING:
+    if guest_halts(workload):
         return True, "guest running"
     before = _fingerprint(workload, memory)
     deadline = time.monotonic() + PROGRESS_TIMEOUT

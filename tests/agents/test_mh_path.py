@@ -116,8 +116,9 @@ def migrate(pair, *, tamper: int | str | None = None, timeout: float = 10.0):
     def target() -> None:
         try:
             with open_mailbox(target_qmp, timeout) as client, Channel(proxy.target_end) as channel:
-                outcome["written"] = receive_guest(target_qmp, client, channel,
-                                                   lambda e, **_: events["target"].append(e))
+                receive_guest(target_qmp, client, channel,
+                              lambda e, **data: events["target"].append(e) or outcome.update(data),
+                              lambda: None)
         except VmmigError as err:
             outcome["target-error"] = str(err)
 
@@ -156,13 +157,13 @@ class TestMigration:
         assert source_mh.handler.state is MhState.SOURCE_RETIRED
         assert target_mh.handler.state is MhState.TARGET_COMMITTED
         assert events == {"source": ["manifest", "committed"],
-                          "target": ["verified", "committed"]}
+                          "target": ["received", "verified", "committed"]}
         result = outcome["result"]
         assert len(result.rounds) >= 2  # the dirtied pages went in later rounds
         assert target_qmp.vcpus == [{"rip": 0x1234}]
         # Every page once at least; every written page counted on the target.
         assert result.normal >= PAGES
-        assert outcome["written"] == result.normal
+        assert outcome["pages"] == result.normal
 
     def test_the_host_never_learns_which_pages_are_zero(self, pair):
         source_mh, _, _ = pair
@@ -214,14 +215,14 @@ class TestAgents:
         def target() -> None:
             options = AgentOptions(role="target", qmp="-", address=address, page_path="mh")
             agent._target(options, FakeMonitor(target_mh, run_dir),
-                          agent._Control(target_events, io.StringIO()))
+                          agent._Control(target_events, io.StringIO('{"cmd": "commit"}\n')))
 
         thread = threading.Thread(target=target)
         thread.start()
         while not (run_dir / "channel.sock").exists():
             time.sleep(0.01)
         commands = io.StringIO("".join(json.dumps({"cmd": c}) + "\n"
-                                       for c in ("migrate", "stop", "finish")))
+                                       for c in ("migrate", "stop", "finish", "seal")))
         source_events = io.StringIO()
         options = AgentOptions(role="source", qmp="-", address=address, page_path="mh",
                                limits=PrecopyLimits(downtime_limit=0.001, max_rounds=2))
@@ -232,7 +233,7 @@ class TestAgents:
         def names(stream):
             return [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
 
-        assert names(target_events) == ["listening", "verified", "committed", "received"]
+        assert names(target_events) == ["listening", "received", "verified", "committed"]
         source = names(source_events)
-        assert source[-3:] == ["manifest", "committed", "done"]
+        assert source[-4:] == ["sent", "manifest", "committed", "done"]
         assert np.array_equal(source_mh.memory, target_mh.memory)

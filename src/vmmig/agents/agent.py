@@ -14,21 +14,27 @@ JSON lines: events on stdout, commands on stdin.  The control protocol::
            <- {"cmd": "stop"}                           pause the guest, send the rest
     source -> {"event": "stopped", "pages": N}          waits for a command:
            <- {"cmd": "finish"}                         send vCPU state, await the ack
-    source -> {"event": "done", ...}                    totals; exit 0
+    source -> {"event": "sent", ...}                    totals
+    source -> {"event": "done"}                         exit 0
     either -> {"event": "error", "message": M}          exit 1
 
 With ``--page-path mh`` (both agents) the machines' Migration Handlers move
 the pages as sealed records (:mod:`vmmig.agents.mh_session`): the source
-opens the MH session after ``migrate`` and before ``started``, and the
-target's MH must verify and commit before the target reports ``received``::
+opens the MH session after ``migrate`` and before ``started``.  After
+``received`` the target waits for the source's manifest; the source, after
+``sent``, and the target, after ``verified``, wait for the orchestrator::
 
-    source -> {"event": "manifest"}       after "finish": its MH sealed the manifest;
-                                          from here the source resumes only on the
-                                          target's abort token
+    source <- {"cmd": "seal"}
+    source -> {"event": "manifest"}       its MH sealed the manifest; from here the
+                                          source resumes only on the target's abort token
     target -> {"event": "verified"}       its MH checked the manifest against what it holds
-    target -> {"event": "committed"}      its MH committed: the guest lives here now
+    target <- {"cmd": "commit"}
+    target -> {"event": "committed"}      its MH committed: the guest lives here now; exit 0
     source -> {"event": "committed"}      the target's receipt retired the source's MH;
                                           then "done"
+
+A target that gets anything but ``commit`` aborts its MH and sends the
+source its abort token, so the sealed source can resume.
 
 An ``error`` from a source whose MH is sealed without a token says that the
 source must not resume.
@@ -150,10 +156,10 @@ def _target(options: AgentOptions, monitor: QEMUMonitorProtocol, control: _Contr
     with Channel(sock) as channel:
         if options.page_path == "mh":
             with open_mailbox(monitor) as client:
-                pages = receive_guest(monitor, client, channel, control.emit)
+                receive_guest(monitor, client, channel, control.emit,
+                              lambda: control.expect("commit"))
         else:
-            pages = run_target(monitor, channel)
-    control.emit("received", pages=pages)
+            control.emit("received", pages=run_target(monitor, channel))
 
 
 def _bound_address(requested: str, name: Any) -> str:  # noqa: ANN401 (a socket address)
@@ -192,7 +198,11 @@ def _source(options: AgentOptions, monitor: QEMUMonitorProtocol, control: _Contr
             control.emit("stopped", pages=pages, seconds=time.monotonic() - stop_started)
             control.expect("finish")
             result = engine.finish()
+            control.emit("sent", normal=result.normal, zero=result.zero,
+                         **{"sent-bytes": result.sent_bytes, "downtime": result.downtime,
+                            "total-pages": result.total_pages})
             if session is not None:
+                control.expect("seal")
                 session.commit(control.emit)
         except BaseException as err:
             # Tell the target why, if the channel still carries anything.
@@ -205,6 +215,4 @@ def _source(options: AgentOptions, monitor: QEMUMonitorProtocol, control: _Contr
             # Cleanup only: a machine that is gone has no dirty log left to stop.
             with contextlib.suppress(QMPError, OSError):
                 engine.close()
-    control.emit("done", normal=result.normal, zero=result.zero,
-                 **{"sent-bytes": result.sent_bytes, "downtime": result.downtime,
-                    "total-pages": result.total_pages})
+    control.emit("done")

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import attrs
+from qemu.qmp import QMPError
 
 from vmmig.agents.engine import MachineMonitor, run_target
 from vmmig.agents.mh_mailbox import DEFAULT_TIMEOUT, MailboxClient, MhRefused
@@ -60,11 +61,21 @@ Emit = Callable[..., None]
 
 
 def open_mailbox(monitor: MachineMonitor, timeout: float = DEFAULT_TIMEOUT) -> MailboxClient:
-    """Reach the machine's MH: start its helper vCPU if it is not running, map its mailbox."""
+    """Reach the machine's MH: start its helper vCPU if it is not running, map its mailbox.
+
+    :raises MigrationFailed: the MH does not run (the machine's reason).
+    """
     info = monitor.cmd("x-query-mh")
     if info["state"] == "stopped":
-        monitor.cmd("x-mh-start")
-        info = monitor.cmd("x-query-mh")
+        try:
+            monitor.cmd("x-mh-start")
+        except QMPError as err:
+            # The orchestrator's helper step may have started it meanwhile.
+            info = monitor.cmd("x-query-mh")
+            if info["state"] != "running":
+                raise MigrationFailed(f"the MH did not start: {err}") from err
+        else:
+            info = monitor.cmd("x-query-mh")
     return MailboxClient.connect(info["shared-path"], int(info["mailbox-gpa"]),
                                  int(info["mailbox-size"]), info["irq-path"], timeout=timeout)
 
@@ -224,8 +235,10 @@ class SourceSession:
 
 
 def receive_guest(monitor: MachineMonitor, client: MailboxClient, channel: Channel,
-                  emit: Emit) -> int:
-    """The target's whole MH migration: handshake, records in, verify, commit; pages written.
+                  emit: Emit, await_commit: Callable[[], None]) -> None:
+    """The target's whole MH migration: handshake, records in (``received``), verify, commit.
+
+    :param await_commit: returns when the MH may commit; raises to abort instead.
 
     :raises VmmigError: anything failed before the commit (the MH's refusal
         is :class:`~vmmig.agents.mh_mailbox.MhRefused`); the MH was aborted
@@ -241,10 +254,11 @@ def receive_guest(monitor: MachineMonitor, client: MailboxClient, channel: Chann
             "mh": "open", "nonce": reply.own_nonce.hex(), "session": reply.session_id.hex(),
             "max-batch": hello.max_batch_pages, "ram-pages": hello.ram_pages})
         written = run_target(monitor, channel, pages)
-        written += pages.flush()
+        emit("received", pages=written + pages.flush())
         manifest = _hex(_expect(channel, "manifest", "source"), "record")
         client.ask(Command.MANIFEST, manifest)
         emit("verified")
+        await_commit()
         receipt = client.ask(Command.COMMIT)
         committed = True
         emit("committed")
@@ -254,7 +268,6 @@ def receive_guest(monitor: MachineMonitor, client: MailboxClient, channel: Chann
             pages.drain()
             _abort_target(client, channel, err)
         raise
-    return written
 
 
 def _abort_target(client: MailboxClient, channel: Channel, err: BaseException) -> None:

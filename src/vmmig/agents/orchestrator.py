@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -28,8 +27,8 @@ if TYPE_CHECKING:
     from vmmig.platforms.emu.platform import EmuPlatform
 
 
-__all__ = ["prepare_target", "rollback", "stop_source", "transfer_cpu_state",
-           "transfer_memory"]
+__all__ = ["commit_mh", "prepare_target", "rollback", "seal_mh", "stop_source",
+           "transfer_cpu_state", "transfer_memory"]
 
 PAGE = 4096
 #: Bound on steps that involve no bulk transfer (an agent starting, a state exchange).
@@ -47,20 +46,22 @@ def _agent(migration: Migration, role: str) -> AgentProcess:
     return agent
 
 
-async def prepare_target(migration: Migration, source_options: Sequence[str] = ()) -> None:
+async def prepare_target(migration: Migration, page_path: str = "plain") -> None:
     """Start the incoming target machine and both agents, connected to each other.
 
-    :param source_options: more source agent options (a technology's page path).
+    :param page_path: the agents' ``--page-path``: ``plain`` or ``mh``.
     """
     platform = _platform(migration)
+    migration.scratch["page-path"] = page_path
     migration.target = await platform.launch_target()
+    path = ["--page-path", page_path]
     target = await platform.start_agent("target", migration.target,
-                                        platform.incoming_address())
+                                        platform.incoming_address(), path)
     migration.scratch["target-agent"] = target
     listening = await target.expect("listening", STEP_TIMEOUT)
     address = migration.plan.migrate_uri or listening["address"]
     source = await platform.start_agent("source", migration.source, address,
-                                        [*_source_options(migration), *source_options])
+                                        [*_source_options(migration), *path])
     migration.scratch["source-agent"] = source
     await source.expect("ready", STEP_TIMEOUT)
 
@@ -128,20 +129,58 @@ async def stop_source(migration: Migration) -> None:
 
 
 async def transfer_cpu_state(migration: Migration) -> None:
-    """Send the vCPU state; done when both agents say the target holds the whole guest."""
+    """Send the vCPU state; done when both agents say the target holds the whole guest.
+
+    On the MH page path both agents stay, for :func:`seal_mh` and :func:`commit_mh`.
+    """
     source, target = _agent(migration, "source"), _agent(migration, "target")
     await source.command("finish")
-    done = await source.expect("done", STEP_TIMEOUT)
+    sent = await source.expect("sent", STEP_TIMEOUT)
     await target.expect("received", STEP_TIMEOUT)
     rounds: _Rounds = migration.scratch["rounds"]
-    migration.downtime_ms = int(float(done["downtime"]) * 1000)
-    rounds.transferred = int(done["sent-bytes"])
+    migration.downtime_ms = int(float(sent["downtime"]) * 1000)
+    rounds.transferred = int(sent["sent-bytes"])
     migration.ram = attrs.evolve(
         migration.ram, transferred=rounds.transferred, remaining=0,
-        normal=int(done["normal"]), duplicate=int(done["zero"]),
-        normal_bytes=int(done["normal"]) * PAGE, mbps=rounds.mbps,
+        normal=int(sent["normal"]), duplicate=int(sent["zero"]),
+        normal_bytes=int(sent["normal"]) * PAGE, mbps=rounds.mbps,
         # QEMU counts the final sync of stop-and-copy as a pass too.
         dirty_sync_count=migration.ram.dirty_sync_count + 1)
+    if migration.scratch["page-path"] != "mh":
+        await source.expect("done", STEP_TIMEOUT)
+        await _close_agents(migration)
+
+
+async def seal_mh(migration: Migration) -> None:
+    """The source's MH seals its manifest; the target's MH checks it against what it holds.
+
+    From here the source resumes only with the target MH's abort token,
+    which the target agent sends when it is told anything but ``commit``.
+    """
+    source, target = _agent(migration, "source"), _agent(migration, "target")
+    migration.scratch["sealed"] = True
+    await source.command("seal")
+    await source.expect("manifest", STEP_TIMEOUT)
+    await target.expect("verified", STEP_TIMEOUT)
+    migration.record_check("memory", "the target's MH verified the source MH's sealed "
+                           "manifest: every page at its final version, SHA-256 of guest RAM "
+                           "equal")
+
+
+async def commit_mh(migration: Migration) -> None:
+    """The target's MH commits (the migration's point of no return); its receipt retires
+    the source's."""
+    source, target = _agent(migration, "source"), _agent(migration, "target")
+    await target.command("commit")
+    await target.expect("committed", STEP_TIMEOUT)
+    migration.commit()
+    await source.expect("committed", STEP_TIMEOUT)
+    migration.record_check("source-retired", "the target's receipt retired the source's MH")
+    await source.expect("done", STEP_TIMEOUT)
+    await _close_agents(migration)
+
+
+async def _close_agents(migration: Migration) -> None:
     for role in ("source", "target"):
         await _agent(migration, role).close()
 
@@ -149,7 +188,9 @@ async def transfer_cpu_state(migration: Migration) -> None:
 async def rollback(migration: Migration, reason: str) -> None:
     """End the agents and the target; make sure the source guest runs, unthrottled."""
     migration.log.info("rolling back: %s", reason)
-    for role in ("source", "target"):
+    # The source, told to stop, tells the target; but a sealed source waits on the
+    # target, whose MH must abort first to hand it its abort token.
+    for role in ("target", "source") if migration.scratch.get("sealed") else ("source", "target"):
         agent = migration.scratch.pop(f"{role}-agent", None)
         if isinstance(agent, AgentProcess):
             await agent.close()

@@ -39,6 +39,14 @@ class EmuMachineSpec:
     :param workload: the guest program (see ``vmmig emu start --help``).
     :param paused: start with the vCPUs stopped (``-S``).
     :param incoming: start as a migration target, waiting for the guest's state.
+    :param launch: an SEV launch's ``vmmig emu start`` options (policy, the
+        owner's session files: :meth:`vmmig.owner.LaunchFiles.emu_options`).
+    :param host_dir: the emulated host whose PSP launches an SEV guest.
+    :param amd_root: the emulated AMD root that endorses that host.
+    :param mh_target: with ``incoming``: a Migration Handler target (firmware only).
+    :param mh_queues: the Migration Handler's mailbox queues.
+    :param psp_latency: the emulated PSP's latency per command, microseconds.
+    :param psp_rate: the emulated PSP's guest data per second.
     """
 
     name: str = attrs.field(validator=attrs.validators.matches_re(r"[A-Za-z0-9][A-Za-z0-9_.-]*"))
@@ -48,6 +56,13 @@ class EmuMachineSpec:
     workload: str = "ab"
     paused: bool = False
     incoming: bool = False
+    launch: tuple[str, ...] = ()
+    host_dir: Path | None = None
+    amd_root: Path | None = None
+    mh_target: bool = False
+    mh_queues: int = 1
+    psp_latency: float | None = None
+    psp_rate: int | None = None
 
 
 def emu_argv(spec: EmuMachineSpec, workdir: Path) -> list[str]:
@@ -60,6 +75,16 @@ def emu_argv(spec: EmuMachineSpec, workdir: Path) -> list[str]:
         argv.append("-S")
     if spec.incoming:
         argv.append("--incoming")
+    argv += spec.launch
+    for option, value in (("--host-dir", spec.host_dir), ("--amd-root", spec.amd_root),
+                          ("--psp-latency", spec.psp_latency),
+                          ("--psp-rate", None if spec.psp_rate is None else f"{spec.psp_rate}B")):
+        if value is not None:
+            argv += [option, str(value)]
+    if spec.mh_target:
+        argv.append("--mh-target")
+    if spec.mh_queues != 1:
+        argv += ["--mh-queues", str(spec.mh_queues)]
     return argv
 
 

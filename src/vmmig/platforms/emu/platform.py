@@ -4,18 +4,30 @@ It owns the machine and agent processes of one ``vmmig run``: machines go
 in a :class:`~vmmig.platforms.fleet.Fleet` (one work directory on tmpfs,
 every process ended on every way out), agents are started per migration by
 the technology and logged into the same directory.
+
+For ``sev`` and ``sev-es`` the run is also a small deployment: an emulated
+AMD root, a source and a target host, and the guest owner in process (its
+state in the work directory), which records the guest's two expected
+launches (boot and migration target) as its tenant would, and attests
+every VM before it gets the guest's master secret
+(:mod:`.attested_launch`).  ``attestations`` keeps what the owner accepted.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from vmmig.agents.process import AgentProcess
 from vmmig.config import MigrationPlan
+from vmmig.owner import GuestOwner, TrustAnchor, expected_launch_for
+from vmmig.owner.expected import OWNER_TECHS
+from vmmig.platforms.emu.attested_launch import Attestation, AttestedLauncher
 from vmmig.platforms.emu.dirtylog import probe
 from vmmig.platforms.emu.machine_process import EmuMachine, EmuMachineSpec
+from vmmig.platforms.emu.sev_hosts import EmulatedHosts
 from vmmig.platforms.fleet import Fleet
 from vmmig.workloads import wait_workload_ready
 
@@ -28,16 +40,39 @@ class EmuPlatform:
 
     name = "emu"
 
-    def __init__(self, plan: MigrationPlan, fleet: Fleet) -> None:
+    #: The guest's id at its owner.
+    GUEST = "guest"
+
+    def __init__(self, plan: MigrationPlan, fleet: Fleet,
+                 launcher: AttestedLauncher | None = None) -> None:
         self.plan = plan
         self.fleet = fleet
+        self.launcher = launcher
+        #: What the owner accepted, by role (``source``, ``target``).
+        self.attestations: dict[str, Attestation] = {}
 
     @classmethod
     @asynccontextmanager
     async def open(cls, plan: MigrationPlan) -> AsyncIterator[EmuPlatform]:
         """Clean up every machine and the work directory on exit."""
         async with Fleet() as fleet:
-            yield cls(plan, fleet)
+            platform = cls(plan, fleet)
+            if plan.tech in OWNER_TECHS:
+                hosts = await asyncio.to_thread(EmulatedHosts.create, fleet.workdir / "hosts")
+                owner = await asyncio.to_thread(platform._owner, hosts)
+                platform.launcher = AttestedLauncher(owner, cls.GUEST, hosts, platform._launch)
+            yield platform
+
+    def _owner(self, hosts: EmulatedHosts) -> GuestOwner:
+        """The guest owner in process, told how the guest launches (the tenant's act)."""
+        ask, ark = hosts.amd_certs()
+        owner = GuestOwner.open(self.fleet.workdir / "owner", TrustAnchor(ask, ark))
+        for mh_target in (False, True):
+            owner.expect(self.GUEST, expected_launch_for(
+                self.plan.tech, memory=self.plan.memory, vcpus=self.plan.vcpus,
+                workload=self.plan.workload, mh_queues=self.plan.mh_queues,
+                mh_target=mh_target))
+        return owner
 
     def describe(self) -> str:
         """The dirty-log method this host offers, e.g. ``dirty log: userfaultfd-wp ...``."""
@@ -46,24 +81,50 @@ class EmuPlatform:
         return f"emulated machines (Unicorn vCPUs), dirty log: {method}"
 
     def _spec(self, name: str, *, incoming: bool = False) -> EmuMachineSpec:
-        return EmuMachineSpec(name=name, memory=self.plan.memory, vcpus=self.plan.vcpus,
-                              tech=self.plan.tech, workload=self.plan.workload,
-                              incoming=incoming)
+        plan = self.plan
+        return EmuMachineSpec(name=name, memory=plan.memory, vcpus=plan.vcpus, tech=plan.tech,
+                              workload=plan.workload, incoming=incoming,
+                              mh_queues=plan.mh_queues, psp_latency=plan.psp_latency,
+                              psp_rate=plan.psp_rate,
+                              mh_target=incoming and self.launcher is not None)
 
     async def _launch(self, spec: EmuMachineSpec) -> EmuMachine:
         return await self.fleet.launch(spec.name,
                                        lambda workdir: EmuMachine.launch(spec, workdir))
 
+    async def _attested(self, role: str, spec: EmuMachineSpec, host: Path) -> EmuMachine:
+        assert self.launcher is not None
+        machine, self.attestations[role] = await self.launcher.launch(spec, host,
+                                                                      self.fleet.workdir)
+        return machine
+
     async def launch_source(self) -> EmuMachine:
-        """Start the workload's guest and wait until its memory obeys the workload's rule."""
+        """Start the workload's guest and wait until its memory obeys the workload's rule.
+
+        An encrypted guest is launched through its owner and resumed once
+        attested; its memory is out of the host's reach, so it is only
+        waited on to be running.
+        """
+        if self.launcher is not None:
+            machine = await self._attested("source", self._spec("source"),
+                                           self.launcher.hosts.source)
+            await machine.cont()
+            return machine
         machine = await self._launch(self._spec("source"))
         with machine.map_ram() as ram:
             await wait_workload_ready(self.plan.workload, ram)
         return machine
 
     async def launch_target(self) -> EmuMachine:
-        """Start a target waiting for the guest's state (``--incoming``)."""
-        return await self._launch(self._spec("target", incoming=True))
+        """Start a target waiting for the guest's state (``--incoming``).
+
+        An encrypted guest's target is a Migration Handler target on the
+        other host, attested by the owner like the source.
+        """
+        spec = self._spec("target", incoming=True)
+        if self.launcher is not None:
+            return await self._attested("target", spec, self.launcher.hosts.target)
+        return await self._launch(spec)
 
     def incoming_address(self) -> str:
         """Where the target agent listens: the plan's transport, an ephemeral port or socket."""

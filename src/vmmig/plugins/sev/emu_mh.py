@@ -1,0 +1,108 @@
+"""``sev`` on ``emu``: the guests' Migration Handlers move the memory.
+
+Both VMs were launched through the guest owner (the platform attests
+them); the agents run the precopy engine with the MH page path: the
+host's dirty log picks the pages, the source's MH seals them, the target's
+MH opens them into private memory.  The host never holds plaintext, so it
+cannot compare memory: the MHs do (the sealed manifest carries every
+page's final version and a digest of guest RAM, checked by the target MH
+before it may commit).  An SEV guest's registers are the hypervisor's to
+read and set, so they move as for ``plain`` and are compared directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from vmmig.agents import orchestrator
+from vmmig.agents.orchestrator import commit_mh, rollback, seal_mh, stop_source, transfer_memory
+from vmmig.errors import PlatformError
+from vmmig.migration import Migration
+from vmmig.platforms.emu.machine_process import EmuMachine
+from vmmig.platforms.emu.platform import EmuPlatform
+from vmmig.workloads import PROGRESS_TIMEOUT, guest_halts
+
+
+__all__ = ["finalize", "prepare_target", "rollback", "start_helper", "stop_source",
+           "transfer_cpu_state", "transfer_memory", "verify"]
+
+#: How often the resumed target's dirty log is read.
+_POLL = 0.05
+
+
+def _machines(migration: Migration) -> tuple[EmuMachine, EmuMachine]:
+    source, target = migration.source, migration.target
+    assert isinstance(source, EmuMachine)
+    assert isinstance(target, EmuMachine)
+    return source, target
+
+
+async def prepare_target(migration: Migration) -> None:
+    """An attested MH target on the other host, and both agents on the MH page path."""
+    await orchestrator.prepare_target(migration, page_path="mh")
+    platform = migration.platform
+    assert isinstance(platform, EmuPlatform)
+    migration.record_check("attestation", "; ".join(
+        f"{role}: {platform.attestations[role].describe()}" for role in ("source", "target")))
+
+
+async def _start_mh(machine: EmuMachine) -> None:
+    """Start the machine's helper vCPU unless its agent already has."""
+    if (await machine.execute("x-query-mh"))["state"] == "stopped":
+        try:
+            await machine.execute("x-mh-start")
+        except PlatformError:
+            if (await machine.execute("x-query-mh"))["state"] != "running":
+                raise
+
+
+async def start_helper(migration: Migration) -> None:
+    """Start the helper vCPUs on which both MHs run."""
+    for machine in _machines(migration):
+        await _start_mh(machine)
+
+
+async def transfer_cpu_state(migration: Migration) -> None:
+    """The hypervisor moves the SEV guest's registers, as for ``plain``."""
+    await orchestrator.transfer_cpu_state(migration)
+
+
+async def verify(migration: Migration) -> None:
+    """The MHs compare memory (sealed manifest); the host compares the registers it moved."""
+    source, target = _machines(migration)
+    await seal_mh(migration)
+    moved = await source.execute("x-vcpu-state-export")
+    held = await target.execute("x-vcpu-state-export")
+    same = moved == held
+    detail = (f"registers of all {len(moved)} vCPUs equal on both sides" if same
+              else "the target's registers differ from the source's")
+    migration.record_check("vcpu-state", detail, ok=same)
+
+
+async def _guest_writes(machine: EmuMachine, workload: str) -> tuple[bool, str]:
+    """Whether a resumed encrypted guest runs: its state, and its writes in the dirty log."""
+    if (state := await machine.status()) != "running":
+        return False, f"guest is {state!r}, not running"
+    if guest_halts(workload):
+        return True, "guest running"
+    await machine.execute("x-dirty-log-start")
+    try:
+        deadline = time.monotonic() + PROGRESS_TIMEOUT
+        while time.monotonic() < deadline:
+            await asyncio.sleep(_POLL)
+            if dirty := (await machine.execute("x-dirty-log-sync"))["dirty"]:
+                return True, f"guest running, writing its memory ({dirty} pages dirtied)"
+    finally:
+        await machine.execute("x-dirty-log-stop")
+    return False, f"guest wrote nothing for {PROGRESS_TIMEOUT:.0f} s after resume"
+
+
+async def finalize(migration: Migration) -> None:
+    """The target's MH commits, the target resumes and runs; the retired source ends."""
+    source, target = _machines(migration)
+    await commit_mh(migration)
+    await target.cont()
+    ok, detail = await _guest_writes(target, migration.plan.workload)
+    migration.record_check("guest-running", detail, ok=ok)
+    await source.shutdown()
