@@ -31,6 +31,9 @@ class TestVectors:
         assert keys.control.hex() == (
             "b206ca62558274a8cc5d0f4b5fb2e5d566b0a06fb34ef4fd8224f657be03bfdd"
         )
+        assert keys.memory.hex() == (
+            "6ab390eea022d192706730804ad125002730ac34f340167219ac2890f99db793"
+        )
 
     def test_session_id_is_the_keys_one(self):
         """session_id() alone agrees with the derived keys' id."""
@@ -56,8 +59,8 @@ class TestFreshness:
             derive_session_keys(SECRET, source, other),
         ):
             assert keys.session_id != base.session_id
-            assert {keys.data, keys.manifest, keys.control}.isdisjoint(
-                {base.data, base.manifest, base.control}
+            assert {keys.data, keys.manifest, keys.control, keys.memory}.isdisjoint(
+                {base.data, base.manifest, base.control, base.memory}
             )
 
     def test_swapped_nonces_give_other_keys(self):
@@ -68,9 +71,9 @@ class TestFreshness:
         assert a.session_id != b.session_id
 
     def test_keys_differ_by_purpose(self):
-        """Data, manifest and control keys are three different keys."""
+        """Data, manifest, control and memory keys are four different keys."""
         keys = derive_session_keys(SECRET, SOURCE_NONCE, TARGET_NONCE)
-        assert len({keys.data, keys.manifest, keys.control}) == 3
+        assert len({keys.data, keys.manifest, keys.control, keys.memory}) == 4
 
     def test_other_secret_gives_other_keys(self):
         """Another guest's secret with the same nonces shares nothing."""

@@ -168,11 +168,12 @@ class Refusal(Exception):
 
 @attrs.frozen
 class Request:
-    """A request as read from a slot: header fields and the payload bytes."""
+    """A request as read from a slot: header fields and the payload bytes (a view of
+    the private copy the MH parses, when it comes from :func:`unpack_request`)."""
 
     command: Command
     mailbox_seq: int
-    payload: bytes = b""
+    payload: bytes | memoryview = b""
 
 
 @attrs.frozen
@@ -206,7 +207,7 @@ def unpack_request(data: bytes | bytearray | memoryview) -> Request:
         code = Command(command)
     except ValueError:
         raise Refusal(Status.UNSUPPORTED, f"unknown command {command:#x}") from None
-    return Request(code, seq, bytes(view[HEADER_SIZE:]))
+    return Request(code, seq, view[HEADER_SIZE:])
 
 
 def pack_response_header(
@@ -227,7 +228,7 @@ def unpack_response(data: bytes | bytearray | memoryview) -> Response:
     return Response(command, Status(status), seq, bytes(view[HEADER_SIZE:]), detail)
 
 
-def _exact(payload: bytes, layout: struct.Struct, what: str) -> tuple[Any, ...]:
+def _exact(payload: bytes | memoryview, layout: struct.Struct, what: str) -> tuple[Any, ...]:
     """Fields of a fixed-size payload whose second field is a reserved zero word."""
     if len(payload) != layout.size:
         raise Refusal(Status.BAD_REQUEST, f"{what} payload must be {layout.size} bytes")
@@ -249,7 +250,7 @@ class HelloRequest:
         return _HELLO_REQ.pack(self.abi_version, 0, self.capabilities)
 
     @classmethod
-    def unpack(cls, payload: bytes) -> HelloRequest:
+    def unpack(cls, payload: bytes | memoryview) -> HelloRequest:
         """Parse a payload; Refusal if malformed."""
         version, _, caps = _exact(payload, _HELLO_REQ, "HELLO")
         return cls(int(version), int(caps))
@@ -278,7 +279,7 @@ class HelloReply:
         )
 
     @classmethod
-    def unpack(cls, payload: bytes) -> HelloReply:
+    def unpack(cls, payload: bytes | memoryview) -> HelloReply:
         """Parse a reply payload."""
         abi, batch, caps, state, role, pages = _HELLO_REP.unpack(payload)
         return cls(abi, batch, caps, state, Role(role), pages)
@@ -296,7 +297,7 @@ class OpenSessionRequest:
         return _OPEN_REQ.pack(self.role, 0, self.peer_nonce)
 
     @classmethod
-    def unpack(cls, payload: bytes) -> OpenSessionRequest:
+    def unpack(cls, payload: bytes | memoryview) -> OpenSessionRequest:
         """Parse a payload; Refusal if malformed."""
         role, _, nonce = _exact(payload, _OPEN_REQ, "OPEN_SESSION")
         if role not in (Role.SOURCE, Role.TARGET):
@@ -316,7 +317,7 @@ class OpenSessionReply:
         return _OPEN_REP.pack(self.own_nonce, self.session_id)
 
     @classmethod
-    def unpack(cls, payload: bytes) -> OpenSessionReply:
+    def unpack(cls, payload: bytes | memoryview) -> OpenSessionReply:
         """Parse a reply payload."""
         nonce, session = _OPEN_REP.unpack(payload)
         return cls(nonce, session)
@@ -328,7 +329,7 @@ def pack_export_request(gpas: npt.ArrayLike) -> bytes:
     return _EXPORT_REQ.pack(len(array), 0) + array.tobytes()
 
 
-def unpack_export_request(payload: bytes, max_batch: int) -> npt.NDArray[np.uint64]:
+def unpack_export_request(payload: bytes | memoryview, max_batch: int) -> npt.NDArray[np.uint64]:
     """EXPORT_PAGES payload -> GPAs (unchecked against RAM: the handler does that)."""
     if len(payload) < _EXPORT_REQ.size:
         raise Refusal(Status.BAD_REQUEST, "EXPORT_PAGES payload shorter than its header")

@@ -1,9 +1,10 @@
 """The Migration Handler: mailbox requests in, responses out, for either role.
 
 Sans-IO (after h11): no threads, no shared memory, no clock.  The code that
-runs it on the helper vCPU copies a request out of its slot, calls
-:meth:`MigrationHandler.handle` and writes the response back; here it is
-plain bytes, so the whole protocol is tested by function calls.
+runs it on the helper vCPU copies a request out of its slot and calls
+:meth:`MigrationHandler.handle_into` with the slot as the response buffer
+(a sealed page record is written there directly: no copy of a batch); here
+it is plain bytes, so the whole protocol is tested by function calls.
 
 The handler trusts its constructor's arguments (guest RAM and the master
 secret come from inside the guest) and nothing in a request.  Whatever a
@@ -65,17 +66,12 @@ _NEEDS_SESSION = frozenset(
 
 @attrs.frozen
 class _Reply:
-    """A response under construction: ``out`` has HEADER_SIZE bytes free in front."""
+    """A command's outcome: its payload, or how many bytes it wrote in place (``written``)."""
 
-    out: bytearray
+    payload: bytes | bytearray = b""
     status: Status = Status.OK
     detail: int = 0
-
-
-def _payload(data: bytes = b"") -> bytearray:
-    out = bytearray(HEADER_SIZE + len(data))
-    out[HEADER_SIZE:] = data
-    return out
+    written: int | None = None
 
 
 @attrs.define
@@ -107,44 +103,53 @@ class MigrationHandler:
         if self.memory.ndim != 2 or self.memory.shape[1] != abi.PAGE_SIZE:
             raise ValueError("guest memory must be a (pages, 4096) array")
 
+    @property
+    def response_capacity(self) -> int:
+        """Bytes the largest response takes (a full batch's sealed record)."""
+        return HEADER_SIZE + page_record_size(self.max_batch_pages)
+
     def handle(self, request: bytes | bytearray | memoryview) -> bytearray:
-        """Process one request (a private copy of a slot) and return the response."""
+        """:meth:`handle_into` a fresh buffer; the response."""
+        out = bytearray(self.response_capacity)
+        del out[self.handle_into(request, memoryview(out)):]
+        return out
+
+    def handle_into(self, request: bytes | bytearray | memoryview, out: memoryview) -> int:
+        """Process one request (a private copy of a slot); write the response at the start
+        of ``out``, which holds :attr:`response_capacity` bytes; its length."""
         command, seq = _echo(request)
         try:
             parsed = abi.unpack_request(request)
-            reply = self._dispatch(parsed)
+            reply = self._dispatch(parsed, out[HEADER_SIZE:])
         except Refusal as refusal:
             _log.info("MH refuses %#x: %s", command, refusal)
             self._fail_if_poisoned(refusal.status)
-            reply = _Reply(_payload(), refusal.status, refusal.detail)
+            reply = _Reply(status=refusal.status, detail=refusal.detail)
         except Exception:  # the MH must answer whatever happens; this is a bug
             _log.exception("MH internal error on %#x", command)
             self._fail_if_poisoned(Status.INTERNAL_ERROR)
-            reply = _Reply(_payload(), Status.INTERNAL_ERROR)
-        out = reply.out
-        abi.pack_response_header(
-            out,
-            command=command,
-            status=reply.status,
-            seq=seq,
-            length=len(out) - HEADER_SIZE,
-            detail=reply.detail,
-        )
-        return out
+            reply = _Reply(status=Status.INTERNAL_ERROR)
+        length = reply.written
+        if length is None:
+            length = len(reply.payload)
+            out[HEADER_SIZE:HEADER_SIZE + length] = reply.payload
+        abi.pack_response_header(out, command=command, status=reply.status, seq=seq,
+                                 length=length, detail=reply.detail)
+        return HEADER_SIZE + length
 
     # -- dispatch ---------------------------------------------------------------
 
-    def _dispatch(self, request: abi.Request) -> _Reply:
+    def _dispatch(self, request: abi.Request, out: memoryview) -> _Reply:
         command = request.command
         if command in (Command.EXPORT_CPU_STATE, Command.IMPORT_CPU_STATE):
             raise Refusal(Status.UNSUPPORTED, "CPU state transfer (SEV-ES) is not implemented")
         if command in _NEEDS_SESSION and self.state not in SESSION_STATES:
             raise Refusal(Status.NO_SESSION, f"{command.name} needs an open session")
-        methods: dict[Command, Callable[[bytes], _Reply]] = {
+        methods: dict[Command, Callable[[bytes | memoryview], _Reply]] = {
             Command.HELLO: self._hello,
             Command.OPEN_SESSION: self._open_session,
             Command.ABORT: self._abort,
-            Command.EXPORT_PAGES: self._export,
+            Command.EXPORT_PAGES: lambda payload: self._export(payload, out),
             Command.IMPORT_PAGES: self._import,
             Command.MANIFEST: self._manifest_command,
             Command.COMMIT: self._commit,
@@ -170,7 +175,7 @@ class MigrationHandler:
 
     # -- commands ---------------------------------------------------------------
 
-    def _hello(self, payload: bytes) -> _Reply:
+    def _hello(self, payload: bytes | memoryview) -> _Reply:
         hello = abi.HelloRequest.unpack(payload)
         reply = abi.HelloReply(
             ABI_VERSION,
@@ -181,9 +186,9 @@ class MigrationHandler:
             len(self.memory),
         )
         status = Status.OK if hello.abi_version == ABI_VERSION else Status.UNSUPPORTED
-        return _Reply(_payload(reply.pack()), status)
+        return _Reply(reply.pack(), status)
 
-    def _open_session(self, payload: bytes) -> _Reply:
+    def _open_session(self, payload: bytes | memoryview) -> _Reply:
         request = abi.OpenSessionRequest.unpack(payload)
         if request.role not in self.roles:
             raise Refusal(Status.UNSUPPORTED, f"this MH may not act as {request.role.name}")
@@ -194,7 +199,7 @@ class MigrationHandler:
         own = self._own_nonce
         if not complete:
             self.state, self._role = state, request.role
-            return _Reply(_payload(abi.OpenSessionReply(own).pack()))
+            return _Reply(abi.OpenSessionReply(own).pack())
         if request.peer_nonce == own:
             raise Refusal(Status.BAD_REQUEST, "the peer nonce is this MH's own")
         if request.role is Role.SOURCE:
@@ -208,61 +213,61 @@ class MigrationHandler:
                 self.memory, keys.data, keys.session_id, self.max_batch_pages
             )
         self._keys, self.state, self._role = keys, state, request.role
-        return _Reply(_payload(abi.OpenSessionReply(own, keys.session_id).pack()))
+        return _Reply(abi.OpenSessionReply(own, keys.session_id).pack())
 
-    def _export(self, payload: bytes) -> _Reply:
+    def _export(self, payload: bytes | memoryview, out: memoryview) -> _Reply:
+        """Seal the batch straight into ``out`` (the reply's payload)."""
         state = self._advance(MhEvent.EXPORT)
         assert self._sealer is not None
         gpas = abi.unpack_export_request(payload, self.max_batch_pages)
-        out = bytearray(HEADER_SIZE + page_record_size(len(gpas)))
-        self._sealer.seal_into(gpas, memoryview(out)[HEADER_SIZE:])
+        written = self._sealer.seal_into(gpas, out)
         self.state = state
-        return _Reply(out)
+        return _Reply(written=written)
 
-    def _import(self, payload: bytes) -> _Reply:
+    def _import(self, payload: bytes | memoryview) -> _Reply:
         state = self._advance(MhEvent.IMPORT)
         assert self._opener is not None
         seq, count = self._opener.open(payload)
         self.state = state
-        return _Reply(_payload(_IMPORT_REPLY.pack(seq, count)))
+        return _Reply(_IMPORT_REPLY.pack(seq, count))
 
-    def _manifest_command(self, payload: bytes) -> _Reply:
+    def _manifest_command(self, payload: bytes | memoryview) -> _Reply:
         keys = self._session()
         if self._sealer is not None:
             state = self._advance(MhEvent.SEAL_MANIFEST)
             if payload:
                 raise Refusal(Status.BAD_REQUEST, "the source's MANIFEST takes no payload")
             sealer = self._sealer
-            made = manifest.Manifest.of(self.memory, sealer.versions, sealer.next_seq)
+            made = manifest.Manifest.of(keys, self.memory, sealer.versions, sealer.next_seq)
             sealed = manifest.seal_manifest(keys, made)
             self._manifest, self.state = made, state
-            return _Reply(_payload(sealed))
+            return _Reply(sealed)
         state = self._advance(MhEvent.VERIFY_MANIFEST)
         assert self._opener is not None
         claimed = manifest.open_manifest(keys, payload)
         opener = self._opener
-        held = manifest.Manifest.of(self.memory, opener.versions, opener.next_seq)
+        held = manifest.Manifest.of(keys, self.memory, opener.versions, opener.next_seq)
         mismatch = claimed.compare(held)
         if mismatch:
             raise Refusal(Status.MISMATCH, f"manifest differs: {mismatch!r}", int(mismatch))
         self._manifest, self.state = claimed, state
-        return _Reply(_payload())
+        return _Reply()
 
-    def _commit(self, payload: bytes) -> _Reply:
+    def _commit(self, payload: bytes | memoryview) -> _Reply:
         state = self._advance(MhEvent.COMMIT)
         keys, made = self._session(), self._manifest
         assert made is not None, "commit is legal only after a manifest"
         if self._role is Role.SOURCE:
             manifest.open_commit_receipt(keys, made, payload)
             self.state = state
-            return _Reply(_payload())
+            return _Reply()
         if payload:
             raise Refusal(Status.BAD_REQUEST, "the target's COMMIT takes no payload")
         receipt = manifest.seal_commit_receipt(keys, made)
         self.state = state
-        return _Reply(_payload(receipt))
+        return _Reply(receipt)
 
-    def _abort(self, payload: bytes) -> _Reply:
+    def _abort(self, payload: bytes | memoryview) -> _Reply:
         state = self._advance(MhEvent.ABORT)
         token = b""
         if self.state is MhState.SOURCE_SEALED:
@@ -273,7 +278,7 @@ class MigrationHandler:
             token = manifest.seal_abort_token(self._keys)
         self._drop_session()
         self.state = state
-        return _Reply(_payload(token))
+        return _Reply(token)
 
     def _drop_session(self) -> None:
         """Forget keys, nonce and streams: a new session needs new nonces."""

@@ -11,7 +11,9 @@ OPEN_SESSION::
     key(label) = HKDF-SHA256(ikm = master, salt, info = "vmmig-mh-v1 " || label
                              || session_id, length = 32)
 
-with the labels ``data s->t``, ``manifest s->t`` and ``control t->s``.
+with the labels ``data s->t``, ``manifest s->t``, ``control t->s`` and
+``memory`` (the manifest's keyed memory digest, computed by both MHs and
+never sent in the clear).
 
 Why this is enough:
 
@@ -56,12 +58,14 @@ class SessionKeys:
     :ivar data: seals page (and CPU-state) records, source -> target.
     :ivar manifest: seals the final manifest, source -> target.
     :ivar control: seals the commit receipt and abort token, target -> source.
+    :ivar memory: keys the memory digest both MHs compute (:func:`~.manifest.memory_digest`).
     """
 
     session_id: bytes
     data: bytes
     manifest: bytes
     control: bytes
+    memory: bytes
 
     def __repr__(self) -> str:
         return f"SessionKeys(session_id={self.session_id.hex()}, <keys hidden>)"
@@ -84,7 +88,8 @@ def derive_session_keys(master: bytes, source_nonce: bytes, target_nonce: bytes)
         hkdf = HKDF(hashes.SHA256(), KEY_SIZE, salt, _PREFIX + label + sid)
         return hkdf.derive(master)
 
-    return SessionKeys(sid, key(b"data s->t"), key(b"manifest s->t"), key(b"control t->s"))
+    return SessionKeys(sid, key(b"data s->t"), key(b"manifest s->t"), key(b"control t->s"),
+                       key(b"memory"))
 
 
 def _check_nonces(source_nonce: bytes, target_nonce: bytes) -> None:

@@ -53,8 +53,6 @@ from vmmig.firmware.abi import (
     QUEUE_DESC_SIZE,
     REGION_HEADER_SIZE,
     Role,
-    Status,
-    pack_response_header,
 )
 from vmmig.firmware.handler import MigrationHandler
 from vmmig.firmware.image import (
@@ -115,6 +113,8 @@ class MhRuntime:
         self._conn: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._completion = [0] * reservation.queue_count
+        #: The private copy of the request being served (no double fetch), reused.
+        self._request = memoryview(bytearray(reservation.layout.slot_capacity))
 
     # -- QMP ------------------------------------------------------------------------
 
@@ -240,9 +240,10 @@ class MhRuntime:
     def _service(self) -> list[int]:
         """Answer every posted request of every queue; the queues that advanced."""
         assert self.handler is not None
-        ram, layout = self._memory.ram, self.reservation.layout
+        ram, layout = memoryview(self._memory.ram), self.reservation.layout
         base = self.reservation.mailbox_gpa
         capacity = layout.slot_capacity
+        request = self._request
         advanced = []
         for queue in range(layout.queue_count):
             descriptor = base + REGION_HEADER_SIZE + queue * QUEUE_DESC_SIZE
@@ -252,13 +253,10 @@ class MhRuntime:
             for seq in range(done + 1, min(doorbell, done + 2) + 1):
                 slot = base + layout.slot_offset(queue, seq % 2)
                 (length,) = struct.unpack_from("<I", ram, slot + 4)
-                private = bytes(ram[slot:slot + min(HEADER_SIZE + length, capacity)])
-                response = self.handler.handle(private)
-                if len(response) > capacity:  # a bug: slots fit a full EXPORT reply
-                    response = bytearray(HEADER_SIZE)
-                    pack_response_header(response, command=0, status=Status.INTERNAL_ERROR,
-                                         seq=seq, length=0, detail=0)
-                ram[slot:slot + len(response)] = bytes(response)
+                size = min(HEADER_SIZE + length, capacity)
+                request[:size] = ram[slot:slot + size]  # into the reused private buffer
+                # The response (a sealed record) goes straight into the slot.
+                self.handler.handle_into(request[:size], ram[slot:slot + capacity])
                 _U64.pack_into(ram, descriptor + 8, seq)
                 self._completion[queue] = seq
             if self._completion[queue] != done:
