@@ -107,6 +107,7 @@ class TestErrors:
 
     def test_a_completion_beyond_the_doorbell_is_refused(self, make_mh):
         mh = make_mh()
+        mh.stalled.set()  # its own answer would overwrite the forged completion word
         with connect(mh) as client:
             mh._region[64 + 8] = 9
             with pytest.raises(ProtocolError, match="claims request 9 answered"):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import attrs
 from psp_support import FakeGuestMemory, amd_root, page
 
-from vmmig.owner import ExpectedLaunch, TrustAnchor
+from vmmig.owner import ExpectedLaunch, LaunchKind, TrustAnchor
 from vmmig.platforms.emu.psp import (
     LaunchStartRequest,
     LaunchUpdateDataRequest,
@@ -16,6 +17,10 @@ from vmmig.platforms.emu.psp import (
 IMAGE = [(0, page(1)), (4096, page(2))]
 #: The expected launch of :data:`IMAGE` as an SEV guest.
 SEV = ExpectedLaunch("sev", Policy(nodbg=True), launch_digest(data for _, data in IMAGE))
+#: A migration target's image (the MH alone), and its expected launch as the same guest's.
+TARGET_IMAGE = [(0, page(3))]
+TARGET = attrs.evolve(SEV, digest=launch_digest(data for _, data in TARGET_IMAGE),
+                      kind=LaunchKind.MIGRATION_TARGET)
 
 
 def trust() -> TrustAnchor:

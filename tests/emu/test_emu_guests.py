@@ -35,7 +35,8 @@ from vmmig.guests.emu.regs_check import (
     check_regs_chain,
     regs_checkpoints,
 )
-from vmmig.platforms.emu.vcpu import Vcpu, VcpuState
+from vmmig.platforms.emu import vcpu
+from vmmig.platforms.emu.vcpu import Vcpu, VcpuState, tsc_hz
 
 
 MIB = 1 << 20
@@ -283,6 +284,28 @@ class TestDirty:
               f"({changed * PAGE / (t1 - t0) / MIB:.1f} MiB/s)")
         assert expected / 2 < changed < expected * 2
         assert low1 - high0 <= changed <= high1 - low0, "the guest's counter disagrees"
+
+    def test_the_tick_follows_the_tsc_rate_from_cpuid(self, machine):
+        """The host gives the rate, the guest times its ticks by the TSC kHz CPUID gives it."""
+        rate = 64 * MIB
+        ram, cpu, console = machine("dirty", 4 * MIB, DirtyParams(bytes_per_second=rate))
+        per_tick, given = struct.unpack_from("<2Q", ram, DIRTY_INFO + 0x10)
+        assert (per_tick, given) == (16, rate)  # 16384 pages/s in ticks of 1 ms
+        cpu.run_thread()
+        console.wait_for("D", 1)
+        tick_tsc, tsc_per_us = struct.unpack_from("<2Q", ram, DIRTY_INFO + 0x30)
+        khz = round(tsc_hz() / 1000)
+        assert tick_tsc == khz * 1000 * per_tick * PAGE // rate
+        assert tsc_per_us == (khz + 500) // 1000
+
+    def test_without_a_tsc_rate_it_halts(self, machine, monkeypatch):
+        """A hypervisor that knows no TSC rate leaves no clock to keep a rate by: '?' and halt."""
+        monkeypatch.setattr(vcpu, "tsc_hz", lambda: 0.0)
+        ram, cpu, console = machine("dirty", 4 * MIB)
+        cpu.run_thread()
+        assert cpu.wait(10) is VcpuState.HALTED
+        assert console.text == "?"
+        assert dirty_counts(ram) == (0, 0)
 
     def test_random_pages_stay_in_the_region(self, machine):
         """Random mode spreads its writes over the region and writes nothing outside it."""

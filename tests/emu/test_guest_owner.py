@@ -15,14 +15,15 @@ from unittest import mock
 
 import attrs
 import pytest
-from owner_support import SEV, launch, trust
+from owner_support import IMAGE, SEV, TARGET, TARGET_IMAGE, launch, trust
 from psp_support import make_psp, page
 
-from vmmig.errors import ConfigError
+from vmmig.errors import ConfigError, PlatformError
 from vmmig.owner import (
     MIGRATION_SECRET_GUID,
     AttestationError,
     GuestOwner,
+    LaunchKind,
     PlatformCerts,
     Refusal,
     TrustAnchor,
@@ -40,6 +41,7 @@ from vmmig.platforms.emu.psp import (
     build_secret_packet,
     expected_measurement,
 )
+from vmmig.platforms.emu.psp.store import write_state
 
 
 SECRET_GPA = 0x8000
@@ -167,7 +169,7 @@ class TestRefusals:
         handle, _, measurement = launch(psp, offer, image=[(0, page(9))])
         err = refused(Refusal.MEASUREMENT_MISMATCH, owner.release_secret, "web-1",
                       offer.session, measurement.to_bytes(), psp.firmware)
-        assert "not the expected launch" in str(err)
+        assert "not the expected boot launch" in str(err)
         assert psp.guest_status(handle).state is GuestState.LSECRET
 
     def test_a_false_firmware_version_only_fails_the_comparison(self, owner, psp):
@@ -253,3 +255,66 @@ class TestRefusals:
         """Guest ids name files: no path separators."""
         with pytest.raises(ConfigError, match="not a guest id"):
             owner.start_launch("../x", psp.chain)
+
+
+class TestLaunchKinds:
+    """A migrating guest has two expected launches: its boot, and its migration target's."""
+
+    @pytest.fixture
+    def owner(self, owner):
+        owner.expect("web-1", TARGET)
+        return owner
+
+    @pytest.mark.parametrize(("kind", "image"), [(LaunchKind.BOOT, IMAGE),
+                                                 (LaunchKind.MIGRATION_TARGET, TARGET_IMAGE)],
+                             ids=["boot", "migration-target"])
+    def test_each_kind_of_session_is_measured_against_that_kinds_digest(self, owner, psp, kind,
+                                                                        image):
+        """Both launches of one guest get its one master secret; the audit names the kind."""
+        offer = owner.start_launch("web-1", psp.chain, kind=kind)
+        handle, memory, measurement = launch(psp, offer, image)
+        header, ciphertext = owner.release_secret("web-1", offer.session,
+                                                  measurement.to_bytes(), psp.firmware)
+        psp.launch_secret(LaunchSecretRequest(handle, header, ciphertext, SECRET_GPA), memory)
+        table = memory.read_private(SECRET_GPA, len(ciphertext))
+        assert parse_secret_table(table)[MIGRATION_SECRET_GUID] == \
+            owner.state.master_secret("web-1")
+        started = [e for e in owner.audit.events if e.action == "start-launch"]
+        assert started[-1].detail.startswith(f"{kind} pdh ")
+
+    @pytest.mark.parametrize(("kind", "image"), [(LaunchKind.BOOT, TARGET_IMAGE),
+                                                 (LaunchKind.MIGRATION_TARGET, IMAGE)],
+                             ids=["target-image-on-boot-session", "boot-image-on-target-session"])
+    def test_an_image_of_the_other_kind_is_refused(self, owner, psp, kind, image):
+        """A target image on a boot session, or a boot image on a target session, mismatches."""
+        offer = owner.start_launch("web-1", psp.chain, kind=kind)
+        _, _, measurement = launch(psp, offer, image)
+        err = refused(Refusal.MEASUREMENT_MISMATCH, owner.release_secret, "web-1",
+                      offer.session, measurement.to_bytes(), psp.firmware)
+        assert f"not the expected {kind} launch" in str(err)
+
+    def test_a_target_launch_needs_a_target_expectation(self, owner, psp):
+        """A guest expected to boot only gets no migration-target session; the refusal says so."""
+        owner.expect("web-2", SEV)
+        err = refused(Refusal.UNKNOWN_GUEST, owner.start_launch, "web-2", psp.chain,
+                      kind=LaunchKind.MIGRATION_TARGET)
+        assert "no expected migration-target launch" in str(err)
+
+    def test_the_kinds_are_kept_apart_on_disk(self, owner):
+        """guests/ holds the boot, targets/ the migration target's launch."""
+        assert owner.state.expected("web-1") == SEV
+        assert owner.state.expected("web-1", LaunchKind.MIGRATION_TARGET) == TARGET
+        assert (owner.state.directory / "targets" / "web-1.json").exists()
+
+    def test_a_state_file_without_a_kind_is_a_boot(self, owner):
+        """Files written before launch kinds existed still load, as boot expectations."""
+        old = SEV.to_json()
+        del old["kind"]
+        write_state(owner.state.directory / "guests" / "web-2.json", old)
+        assert owner.state.expected("web-2") == SEV
+
+    def test_an_expectation_filed_under_the_other_kind_is_corrupt(self, owner):
+        """A boot expectation copied into targets/ must not pass for the target's."""
+        write_state(owner.state.directory / "targets" / "web-2.json", SEV.to_json())
+        with pytest.raises(PlatformError, match="a boot launch where a migration-target one"):
+            owner.state.expected("web-2", LaunchKind.MIGRATION_TARGET)

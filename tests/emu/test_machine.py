@@ -128,7 +128,7 @@ class TestWorkloads:
         assert isinstance(params, DirtyParams)
         assert params.pattern == pattern
 
-    @pytest.mark.parametrize("workload", ["dirty:lots", "fork-bomb", "dirty:64M:zigzag"])
+    @pytest.mark.parametrize("workload", ["dirty:lots", "fork-bomb", "dirty:64M:zigzag", "dirty:0"])
     def test_unknown_workloads_are_refused(self, workload):
         """Bad workloads name the field and the choices."""
         with pytest.raises(ConfigError, match="workload"):

@@ -38,6 +38,7 @@ from vmmig.guests.ab_check import ab_passes, ab_region, check_ab
 from vmmig.owner import (
     AttestationError,
     GuestOwner,
+    LaunchKind,
     Refusal,
     TrustAnchor,
     attest_and_inject,
@@ -300,7 +301,7 @@ def test_a_target_with_a_modified_firmware_image_gets_no_secret(tmp_path, hosts,
                             TrustAnchor(amd_root().ask_cert, amd_root().ark_cert))
     owner.expect("web-1", expected_launch_for("sev", memory=16 * MIB, vcpus=2, workload="idle",
                                               mh_target=True))
-    files = launch_files(owner, "web-1", psp.chain, tmp_path)
+    files = launch_files(owner, "web-1", psp.chain, tmp_path, kind=LaunchKind.MIGRATION_TARGET)
     firmware = tmp_path / "mh.bin"
     firmware.write_bytes(builtin_image().replace(b"MigrationHandler", b"MigrationHandlex", 1)
                          if modified else builtin_image())

@@ -17,6 +17,7 @@ from sev_support import MEMORY, machine_process
 from vmmig.owner import (
     AttestationError,
     GuestOwner,
+    LaunchKind,
     Refusal,
     TrustAnchor,
     attest_and_inject,
@@ -33,9 +34,12 @@ def host(tmp_path_factory):
 
 
 def make_owner(tmp_path, tech: str, workload: str = "ab") -> GuestOwner:
+    """An owner expecting ``web-1`` to boot with ``workload``, and as a migration target."""
     owner = GuestOwner.open(tmp_path / "owner",
                             TrustAnchor(amd_root().ask_cert, amd_root().ark_cert))
-    owner.expect("web-1", expected_launch_for(tech, memory=MEMORY, vcpus=2, workload=workload))
+    for mh_target in (False, True):
+        owner.expect("web-1", expected_launch_for(tech, memory=MEMORY, vcpus=2,
+                                                  workload=workload, mh_target=mh_target))
     return owner
 
 
@@ -67,7 +71,7 @@ def test_the_owner_attests_injects_and_the_guest_runs(tmp_path, host, tech):
             assert (await client.execute("query-sev"))["state"] == "running"
 
     asyncio.run(scenario())
-    assert [e.granted for e in owner.audit.events] == [True, True, True]
+    assert [e.granted for e in owner.audit.events] == [True, True, True, True]
 
 
 def test_another_workload_gets_nothing_injected(tmp_path, host):
@@ -90,3 +94,22 @@ def test_another_workload_gets_nothing_injected(tmp_path, host):
             assert (await client.execute("query-sev"))["state"] == "launch-secret"
 
     asyncio.run(scenario())
+
+
+def test_a_migration_target_launch_is_attested_against_the_target_expectation(tmp_path, host):
+    """``vmmig emu start --incoming --mh-target`` with a migration-target session's files:
+    the owner measures the MH-only image and injects the secret."""
+    host_dir, psp = host
+    owner = make_owner(tmp_path, "sev")
+    files = launch_files(owner, "web-1", psp.chain, tmp_path, kind=LaunchKind.MIGRATION_TARGET)
+
+    async def scenario():
+        async with machine_process(tmp_path, "--host-dir", str(host_dir), "--tech", "sev",
+                                   "--incoming", "--mh-target", *files.emu_options()) as client:
+            await attest_and_inject(owner, "web-1", client.execute,
+                                    session=files.offer.session)
+            assert (await client.execute("query-status"))["status"] == "inmigrate"
+
+    asyncio.run(scenario())
+    assert [(e.action, e.granted) for e in owner.audit.events][-2:] == [
+        ("start-launch", True), ("release-secret", True)]

@@ -11,12 +11,20 @@ import sys
 import time
 
 import pytest
-from owner_support import SEV, launch, trust
+from owner_support import SEV, TARGET, TARGET_IMAGE, launch, trust
 from psp_support import make_psp
 
 from vmmig.cli import main
 from vmmig.errors import PlatformError
-from vmmig.owner import AttestationError, GuestOwner, OwnerClient, Refusal
+from vmmig.firmware.image import builtin_image
+from vmmig.owner import (
+    AttestationError,
+    GuestOwner,
+    LaunchKind,
+    OwnerClient,
+    Refusal,
+    expected_launch_for,
+)
 from vmmig.owner.protocol import MAX_LINE
 from vmmig.platforms.emu.psp import LaunchSecretRequest
 
@@ -83,6 +91,18 @@ def test_refusals_cross_the_wire_as_attestation_errors(served, psp, tmp_path):
         assert info.value.reason is Refusal.UNKNOWN_GUEST
 
 
+def test_the_launch_kind_travels_over_the_service(served, psp):
+    """A target session is refused until the target expectation exists, then measured by it."""
+    address, state = served
+    with OwnerClient(address) as client:
+        with pytest.raises(AttestationError, match="no expected migration-target launch"):
+            client.start_launch("web-1", psp.chain, kind=LaunchKind.MIGRATION_TARGET)
+        GuestOwner.open(state).expect("web-1", TARGET)
+        offer = client.start_launch("web-1", psp.chain, kind=LaunchKind.MIGRATION_TARGET)
+        _, _, measurement = launch(psp, offer, TARGET_IMAGE)
+        client.release_secret("web-1", offer.session, measurement.to_bytes(), psp.firmware)
+
+
 def _raw(address: str, payload: bytes) -> list[dict]:
     """Send ``payload`` on a fresh connection, then EOF; every line until the server closes."""
     with socket.socket(socket.AF_UNIX) as sock:
@@ -109,10 +129,15 @@ def test_a_malformed_line_is_answered_and_the_connection_closed(served, payload,
 
 def test_an_unknown_operation_or_argument_is_a_protocol_error(served):
     """The connection stays open after a well-formed but wrong request."""
-    _, unknown, missing = _raw(served[0], b'{"execute": "expect"}\n'
-                                      b'{"execute": "start-launch", "arguments": {}}\n')
+    _, unknown, missing, kind = _raw(
+        served[0], b'{"execute": "expect"}\n'
+                   b'{"execute": "start-launch", "arguments": {}}\n'
+                   b'{"execute": "start-launch", "arguments": {"guest": "web-1", "pdh": "",'
+                   b' "cert-chain": "", "kind": "reboot"}}\n')
     assert "unknown operation 'expect'" in unknown["error"]["desc"]
     assert "argument 'guest'" in missing["error"]["desc"]
+    assert kind["error"] == {"class": "ProtocolError", "desc": "argument 'kind' must be one "
+                                                               "of boot, migration-target"}
 
 
 def test_owner_expect_records_an_emulated_machines_launch(tmp_path, capsys):
@@ -127,6 +152,24 @@ def test_owner_expect_records_an_emulated_machines_launch(tmp_path, capsys):
     assert GuestOwner.open(state).state.expected("web-1").tech == "sev"
     assert main([*argv, "--policy", "0x0"]) == 1
     assert "lacks NODBG" in capsys.readouterr().err
+
+
+def test_owner_expect_mh_target_records_the_migration_targets_launch(tmp_path):
+    """``--mh-target`` files the target's expectation under targets/, not the boot's;
+    ``--firmware`` and ``--mh-queues`` are vmmig emu start's."""
+    state = tmp_path / "owner"
+    GuestOwner.open(state, trust())
+    firmware = builtin_image().replace(b"MigrationHandler", b"MigrationHandlex", 1)
+    (tmp_path / "mh.bin").write_bytes(firmware)
+    argv = ["owner", "expect", "--state", str(state), "--guest", "web-1", "--tech", "sev",
+            "--memory", "16M", "--mh-target", "--mh-queues", "2",
+            "--firmware", str(tmp_path / "mh.bin")]
+    assert main(argv) == 0
+    assert [path.name for path in (state / "targets").iterdir()] == ["web-1.json"]
+    assert not (state / "guests" / "web-1.json").exists()
+    target = expected_launch_for("sev", memory=16 << 20, vcpus=1, workload="ab", mh_queues=2,
+                                 mh_target=True, firmware=firmware)
+    assert GuestOwner.open(state).state.expected("web-1", LaunchKind.MIGRATION_TARGET) == target
 
 
 def test_no_owner_at_the_address_is_a_platform_error(tmp_path, psp):

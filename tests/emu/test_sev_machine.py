@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import struct
+import subprocess
+import sys
 import time
 
 import attrs
@@ -86,6 +88,18 @@ class TestLaunch:
         assert owner.measurement_ok(blob, machine.config)
         other = MachineConfig(name="vm", memory=MEMORY, vcpus=2, tech=tech, workload="idle")
         assert not owner.measurement_ok(blob, other)
+
+    def test_the_dirtier_launches_the_same_in_every_process(self):
+        """The owner's expectation for dirty:RATE holds nothing a process measures (such as
+        the TSC's rate): two processes compute the same launch digest."""
+        code = ("from vmmig.platforms.emu.machine import MachineConfig, launch_chunks_for\n"
+                "from vmmig.platforms.emu.psp import launch_digest\n"
+                f"config = MachineConfig(name='vm', memory={MEMORY}, tech='sev', "
+                "workload='dirty:64M')\n"
+                "print(launch_digest(launch_chunks_for(config)).hex())")
+        digests = {subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                  text=True, timeout=60).stdout for _ in range(2)}
+        assert len(digests) == 1, digests
 
     def test_sev_es_measures_every_vcpus_vmsa(self, machines):
         """An SEV-ES launch measures the VMSAs: the digest of the image alone does not match."""

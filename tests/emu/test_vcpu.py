@@ -4,6 +4,7 @@ move their registers through a VMSA, run in parallel, and end cleanly however th
 from __future__ import annotations
 
 import mmap
+import struct
 import threading
 import time
 
@@ -18,7 +19,14 @@ from vmmig.guests.ab_check import ab_passes, check_ab
 from vmmig.guests.build import build_from_source
 from vmmig.guests.emu import PROGRAM_GPA, AbParams, load_image, load_program
 from vmmig.platforms.emu.console import COM1
-from vmmig.platforms.emu.vcpu import Vcpu, VcpuState
+from vmmig.platforms.emu.vcpu import (
+    CPUID_HV_BASE,
+    CPUID_HV_TIMING,
+    CPUID_HV_VENDOR,
+    Vcpu,
+    VcpuState,
+    tsc_hz,
+)
 from vmmig.platforms.emu.vmsa import XMM_COUNT, Segment
 
 
@@ -302,6 +310,36 @@ class TestExits:
             cpu.stop()
         assert "device on fire" in cpu.detail
         assert capfd.readouterr().err == ""
+
+
+class TestCpuid:
+    """CPUID: the hypervisor leaves are the vCPU's, the others Unicorn's."""
+
+    ANSWERS = 0x400000
+
+    def cpuid(self, make_ram, vcpus, cache, leaves: list[int]) -> list[tuple[int, ...]]:
+        """EAX, EBX, ECX and EDX of CPUID for each value of RAX, as a guest sees them."""
+        steps = "".join(
+            f"movabs ${leaf:#x}, %rax\ncpuid\n"
+            + "".join(f"mov %{reg}, {self.ANSWERS + 16 * i + 4 * j:#x}\n"
+                      for j, reg in enumerate(("eax", "ebx", "ecx", "edx")))
+            for i, leaf in enumerate(leaves))
+        ram = make_ram(8 * MIB)
+        cpu = started(vcpus(ram), load_image(ram, custom(steps + "hlt", cache)).vmsa)
+        assert cpu.wait(10) is VcpuState.HALTED, cpu.detail
+        return [struct.unpack_from("<4I", ram, self.ANSWERS + 16 * i) for i in range(len(leaves))]
+
+    def test_the_hypervisor_leaves_give_the_tsc_rate(self, make_ram, vcpus, cache):
+        """The base leaf leads to the timing leaf, whose EAX is the TSC in kHz; RAX's
+        upper half is ignored, leaves between the two are zeros, others are Unicorn's."""
+        base, timing, between, basic = self.cpuid(
+            make_ram, vcpus, cache, [CPUID_HV_BASE, 0xFFFF_FFFF << 32 | CPUID_HV_TIMING,
+                                     CPUID_HV_BASE + 1, 0])
+        assert base == (CPUID_HV_TIMING, *struct.unpack("<3I", CPUID_HV_VENDOR))
+        assert timing == (round(tsc_hz() / 1000), 0, 0, 0)
+        assert between == (0, 0, 0, 0)
+        assert basic[0] >= 1, "leaf 0 is Unicorn's: the highest basic leaf"
+        assert basic[1:] != base[1:]
 
 
 class TestLifecycle:

@@ -54,6 +54,29 @@ class TestZeroPages:
         assert opener.open(sealer.seal(gpas)) == (0, len(mask))
         assert np.array_equal(opener.memory, memory)
 
+    def test_a_run_of_consecutive_pages_is_the_same_record_as_a_gathered_batch(self):
+        """Sealed straight from RAM (no elision) or gathered (zero pages elided): the
+        target opens either into the same pages, and the record sizes agree."""
+        memory = memory_with_zeros([False, True, False, True, False, False])
+        run = np.arange(1, 5, dtype=np.uint64) * PAGE_SIZE
+        shuffled = run[[2, 0, 3, 1]]
+        for gpas in (run, shuffled):
+            sealer, opener = ends(memory)
+            record = sealer.seal(gpas)
+            assert len(record) == page_record_size(4)
+            assert opener.open(record) == (0, 4)
+            assert np.array_equal(opener.memory[1:5], memory[1:5])
+
+    def test_a_run_record_is_refused_after_any_flipped_bit(self):
+        """The run path's tag covers header, entries and body like the gathered one."""
+        memory = memory_with_zeros([False] * 8)
+        record = bytearray(ends(memory)[0].seal(np.arange(8, dtype=np.uint64) * PAGE_SIZE))
+        for at in (0x40, len(record) // 2, len(record) - 1):
+            flipped = bytearray(record)
+            flipped[at] ^= 1
+            with pytest.raises(Refusal):
+                ends(memory)[1].open(flipped)
+
     def test_zero_page_overwrites_old_content(self):
         """A page that became zero is zeroed on the target, not left stale."""
         memory = memory_with_zeros([False] * 4)

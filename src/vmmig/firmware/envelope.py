@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Sequence
 from typing import Final
 
 import attrs
 import numpy as np
 import numpy.typing as npt
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vmmig.firmware.abi import Refusal, Status
@@ -98,6 +100,17 @@ def record_size(count: int, body_length: int) -> int:
     return RECORD_HEADER_SIZE + ENTRY.itemsize * count + body_length + TAG_SIZE
 
 
+def _frame_into(out: memoryview, *, kind: RecordKind, direction: Direction,
+                session_id: bytes, seq: int, entries: npt.NDArray[np.void] | None,
+                body: int) -> int:
+    """Write the header and entries (the AD) at the start of ``out``; the AD's length."""
+    count = 0 if entries is None else len(entries)
+    _HEADER.pack_into(out, 0, RECORD_MAGIC, kind, direction, session_id, seq, count, body)
+    if entries is not None:
+        np.frombuffer(out, dtype=ENTRY, count=count, offset=RECORD_HEADER_SIZE)[...] = entries
+    return RECORD_HEADER_SIZE + ENTRY.itemsize * count
+
+
 def seal_into(
     aead: AESGCM,
     out: memoryview,
@@ -113,15 +126,39 @@ def seal_into(
 
     ``plaintext`` is encrypted straight into ``out`` (no intermediate copy).
     """
-    count = 0 if entries is None else len(entries)
     body = memoryview(plaintext).nbytes
-    _HEADER.pack_into(out, 0, RECORD_MAGIC, kind, direction, session_id, seq, count, body)
-    ad_end = RECORD_HEADER_SIZE + ENTRY.itemsize * count
-    if entries is not None:
-        np.frombuffer(out, dtype=ENTRY, count=count, offset=RECORD_HEADER_SIZE)[...] = entries
+    ad_end = _frame_into(out, kind=kind, direction=direction, session_id=session_id, seq=seq,
+                         entries=entries, body=body)
     end = ad_end + body + TAG_SIZE
     aead.encrypt_into(nonce(kind, direction, seq), plaintext, out[:ad_end], out[ad_end:end])
     return end
+
+
+def seal_parts_into(
+    key: bytes,
+    out: memoryview,
+    *,
+    kind: RecordKind,
+    direction: Direction,
+    session_id: bytes,
+    seq: int,
+    entries: npt.NDArray[np.void] | None,
+    parts: Sequence[bytes | memoryview],
+) -> int:
+    """:func:`seal_into` a body given in pieces (e.g. straight from guest RAM): the
+    same record, without gathering the body into one buffer first."""
+    body = sum(memoryview(part).nbytes for part in parts)
+    ad_end = _frame_into(out, kind=kind, direction=direction, session_id=session_id, seq=seq,
+                         entries=entries, body=body)
+    encryptor = Cipher(algorithms.AES(key), modes.GCM(nonce(kind, direction, seq))).encryptor()
+    encryptor.authenticate_additional_data(out[:ad_end])
+    at = ad_end
+    for part in parts:
+        # update_into may need block-size slack past the part: the tag's room holds it.
+        at += encryptor.update_into(part, out[at:])
+    encryptor.finalize()
+    out[at:at + TAG_SIZE] = encryptor.tag
+    return at + TAG_SIZE
 
 
 def seal_message(

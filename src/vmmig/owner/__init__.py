@@ -25,7 +25,7 @@ In-process is the default; a served owner is reached with
 from vmmig.owner.audit import AuditEvent, AuditLog
 from vmmig.owner.client import OwnerClient
 from vmmig.owner.errors import AttestationError, Refusal
-from vmmig.owner.expected import ExpectedLaunch, expected_launch_for
+from vmmig.owner.expected import ExpectedLaunch, LaunchKind, expected_launch_for
 from vmmig.owner.guest_owner import GuestOwner, LaunchOffer, PlatformCerts
 from vmmig.owner.qmp_driver import (
     LaunchFiles,
@@ -46,6 +46,7 @@ __all__ = [
     "ExpectedLaunch",
     "GuestOwner",
     "LaunchFiles",
+    "LaunchKind",
     "LaunchOffer",
     "OwnerClient",
     "OwnerService",

@@ -16,6 +16,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from vmmig.channel.stream import ChannelClosed, connect
 from vmmig.errors import ConfigError, PlatformError
+from vmmig.owner.expected import LaunchKind
 from vmmig.owner.guest_owner import LaunchOffer, PlatformCerts
 from vmmig.owner.protocol import (
     MAX_LINE,
@@ -126,9 +127,11 @@ class OwnerClient:
         raise PlatformError(f"guest owner at {self.address}: {error.get('class')}: "
                             f"{error.get('desc')}")
 
-    def start_launch(self, guest: str, platform: PlatformChain | PlatformCerts) -> LaunchOffer:
+    def start_launch(self, guest: str, platform: PlatformChain | PlatformCerts, *,
+                     kind: LaunchKind = LaunchKind.BOOT) -> LaunchOffer:
         """See :meth:`vmmig.owner.GuestOwner.start_launch`."""
-        reply = self.execute("start-launch", {"guest": guest, **certs_to_json(platform)})
+        reply = self.execute("start-launch", {"guest": guest, "kind": kind.value,
+                                              **certs_to_json(platform)})
         return self._decoded(offer_from_json, reply)
 
     def release_secret(self, guest: str, session: str, measurement: bytes,

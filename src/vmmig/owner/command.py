@@ -4,13 +4,15 @@
 
     vmmig owner expect --state DIR --guest NAME --tech sev|sev-es [--memory SIZE]
                        [--vcpus N] [--workload W] [--policy WORD] [--min-api M.N]
-                       [--amd-root DIR]
+                       [--firmware PATH] [--mh-queues N] [--mh-target] [--amd-root DIR]
     vmmig owner serve  --state DIR --listen unix:PATH|tcp:HOST:PORT [--amd-root DIR]
 
 ``expect`` is the tenant recording how a guest must launch (the launch
-digest of an emulated machine started with the same options); ``serve``
-answers launches over :mod:`.protocol`.  ``--amd-root`` pins the emulated
-AMD root's ASK and ARK certificates in a new state directory.
+digest of an emulated machine started with the same options; a migrating
+guest needs it twice, once more with ``--mh-target`` for its migration
+target's launch); ``serve`` answers launches over :mod:`.protocol`.
+``--amd-root`` pins the emulated AMD root's ASK and ARK certificates in a
+new state directory.
 """
 
 from __future__ import annotations
@@ -46,6 +48,13 @@ def add_owner_parser(sub: Any) -> None:  # noqa: ANN401 (argparse's private subp
     expect.add_argument("--policy", metavar="WORD", help="default: vmmig emu start's")
     expect.add_argument("--min-api", default="0.0", metavar="MAJOR.MINOR",
                         help="oldest firmware API accepted")
+    expect.add_argument("--firmware", type=Path, metavar="PATH",
+                        help="the MH firmware image (default: the built-in one)")
+    expect.add_argument("--mh-queues", type=int, default=1, metavar="N",
+                        help="mailbox queues, one per helper vCPU (1 to 4)")
+    expect.add_argument("--mh-target", action="store_true",
+                        help="record the migration target's launch (vmmig emu start "
+                             "--incoming --mh-target), not the guest's boot")
     for command in (serve, expect):
         command.add_argument("--state", required=True, type=Path, metavar="DIR",
                              help="the owner's state directory")
@@ -93,6 +102,11 @@ def _expected(args: argparse.Namespace) -> ExpectedLaunch:
         policy = None if args.policy is None else Policy.from_value(int(args.policy, 0))
     except ValueError as err:
         raise ConfigError("policy", f"{args.policy!r} is not a policy word: {err}") from None
+    try:
+        firmware = None if args.firmware is None else args.firmware.read_bytes()
+    except OSError as err:
+        raise ConfigError("firmware", f"cannot read {args.firmware}: {err.strerror}") from None
     return expected_launch_for(args.tech, memory=sizes.memory, vcpus=sizes.vcpus,
                                workload=args.workload, policy=policy,
-                               min_firmware=min_firmware)
+                               min_firmware=min_firmware, mh_queues=args.mh_queues,
+                               mh_target=args.mh_target, firmware=firmware)

@@ -7,6 +7,11 @@ puts into the launch session, and the oldest firmware API it accepts.  The
 PSP's MEASURE binds all of them (see :mod:`vmmig.platforms.emu.psp.packets`),
 so a host that launches anything else gets no secret.
 
+A migrating guest launches two ways, so it has one expectation of each
+:class:`LaunchKind`: its boot (workload and Migration Handler), and the
+migration target's launch (the MH firmware only, receiving).  The host names
+the kind when it starts a launch; the digest of that kind decides.
+
 Policy choices (:func:`check_policy`), for the Migration Handler design:
 
 - NODBG is required: with debugging allowed the host may DBG_DECRYPT any
@@ -26,6 +31,7 @@ Policy choices (:func:`check_policy`), for the Migration Handler design:
 
 from __future__ import annotations
 
+import enum
 from typing import Any, Final
 
 import attrs
@@ -34,13 +40,22 @@ from vmmig.owner.errors import AttestationError, Refusal
 from vmmig.platforms.emu.psp import FirmwareVersion, Policy, launch_digest
 
 
-__all__ = ["ANY_FIRMWARE", "OWNER_TECHS", "ExpectedLaunch", "check_firmware", "check_policy",
-           "expected_launch_for"]
+__all__ = ["ANY_FIRMWARE", "OWNER_TECHS", "ExpectedLaunch", "LaunchKind", "check_firmware",
+           "check_policy", "expected_launch_for"]
 
 #: The technologies whose launches the owner attests.
 OWNER_TECHS: Final = ("sev", "sev-es")
 #: No minimum firmware beyond the policy's.
 ANY_FIRMWARE: Final = FirmwareVersion(0, 0)
+
+
+class LaunchKind(enum.StrEnum):
+    """Which of a guest's launches an expectation describes; values are wire names."""
+
+    #: The guest's own boot: its workload and the Migration Handler.
+    BOOT = "boot"
+    #: A migration target's launch (``--incoming --mh-target``): the MH only, to receive.
+    MIGRATION_TARGET = "migration-target"
 
 
 def _digest(instance: object, attribute: attrs.Attribute[bytes], value: bytes) -> None:
@@ -57,21 +72,25 @@ class ExpectedLaunch:
     :ivar digest: the launch digest (image, then SEV-ES VMSAs).
     :ivar min_firmware: the oldest firmware API (major.minor) accepted;
         the build is not compared.
+    :ivar kind: which of the guest's launches this is.
     """
 
     tech: str = attrs.field(validator=attrs.validators.in_(OWNER_TECHS))
     policy: Policy
     digest: bytes = attrs.field(validator=_digest, repr=lambda d: d.hex()[:16])
     min_firmware: FirmwareVersion = ANY_FIRMWARE
+    kind: LaunchKind = attrs.field(default=LaunchKind.BOOT,
+                                   validator=attrs.validators.instance_of(LaunchKind))
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object kept in the owner's state directory."""
         return {"tech": self.tech, "policy": self.policy.value, "digest": self.digest.hex(),
-                "min-api": [self.min_firmware.api_major, self.min_firmware.api_minor]}
+                "min-api": [self.min_firmware.api_major, self.min_firmware.api_minor],
+                "kind": self.kind.value}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ExpectedLaunch:
-        """Read :meth:`to_json`'s object back.
+        """Read :meth:`to_json`'s object back; without ``kind`` (older files) it is a boot.
 
         :raises ValueError: a field is missing or malformed.
         """
@@ -79,7 +98,8 @@ class ExpectedLaunch:
             major, minor = data["min-api"]
             return cls(tech=data["tech"], policy=Policy.from_value(data["policy"]),
                        digest=bytes.fromhex(data["digest"]),
-                       min_firmware=FirmwareVersion(major, minor))
+                       min_firmware=FirmwareVersion(major, minor),
+                       kind=LaunchKind(data.get("kind", LaunchKind.BOOT)))
         except (KeyError, TypeError) as err:
             raise ValueError(f"not an expected launch: {err!r}") from None
 
@@ -135,7 +155,8 @@ def expected_launch_for(tech: str, *, memory: int, vcpus: int, workload: str,
     :param policy: None for ``vmmig emu start``'s default of the technology.
     :param mh_queues: the MH mailbox's queues (``--mh-queues``).
     :param mh_target: an MH migration target's launch (``--incoming --mh-target``):
-        the firmware only, and an MH that may only receive.
+        the firmware only, and an MH that may only receive; its kind is
+        :attr:`LaunchKind.MIGRATION_TARGET`.
     :param firmware: the MH blob; None for the built-in one.
     :raises ConfigError: an unknown workload or bad MH options.
     """
@@ -151,4 +172,5 @@ def expected_launch_for(tech: str, *, memory: int, vcpus: int, workload: str,
         policy=Policy.from_value(DEFAULT_POLICY[tech]) if policy is None else policy,
         digest=launch_digest(launch_chunks_for(config)),
         min_firmware=min_firmware,
+        kind=LaunchKind.MIGRATION_TARGET if mh_target else LaunchKind.BOOT,
     )

@@ -8,6 +8,10 @@ One launch, as the owner sees it::
     packet = owner.release_secret("web-1", offer.session, blob, firmware)
     ... host: LAUNCH_SECRET(packet.header, packet.ciphertext), FINISH
 
+A migration target launches with ``kind=LaunchKind.MIGRATION_TARGET`` and is
+measured against the guest's target expectation; the session keeps the
+expectation it was made for, so its release is the same call.
+
 :meth:`GuestOwner.start_launch` verifies the platform's certificate chain up
 to the pinned AMD root before it wraps fresh TEK/TIK to that platform's PDH:
 only a genuine PSP can unwrap them, and only it can then compute a MEASURE
@@ -32,7 +36,7 @@ import attrs
 
 from vmmig.owner.audit import AuditEvent, AuditLog
 from vmmig.owner.errors import AttestationError, Refusal
-from vmmig.owner.expected import ExpectedLaunch, check_firmware, check_policy
+from vmmig.owner.expected import ExpectedLaunch, LaunchKind, check_firmware, check_policy
 from vmmig.owner.secret_table import MIGRATION_SECRET_GUID, build_secret_table
 from vmmig.owner.state import OwnerState, TrustAnchor, check_guest_id
 from vmmig.platforms.emu.psp import (
@@ -161,24 +165,27 @@ class GuestOwner:
         def decide() -> tuple[None, str]:
             check_policy(guest, launch)
             self.state.expect(guest, launch)
-            return None, f"{launch.tech} policy {launch.policy.value:#x} " \
+            return None, f"{launch.kind} {launch.tech} policy {launch.policy.value:#x} " \
                          f"digest {launch.digest.hex()[:16]}"
 
         self._decide("expect", guest, None, decide)
 
-    def start_launch(self, guest: str, platform: PlatformChain | PlatformCerts) -> LaunchOffer:
+    def start_launch(self, guest: str, platform: PlatformChain | PlatformCerts, *,
+                     kind: LaunchKind = LaunchKind.BOOT) -> LaunchOffer:
         """A launch session for ``guest`` on ``platform``, after verifying its chain.
 
         :param platform: the platform's chain; without ASK and ARK it is
             completed with the pinned ones.
-        :raises AttestationError: UNKNOWN_GUEST, UNKNOWN_PLATFORM (another AMD
-            root), BAD_CHAIN (a link does not verify), POLICY_REFUSED (the
-            guest's policy, or firmware older than it requires).
+        :param kind: which of the guest's expected launches the VM must measure as.
+        :raises AttestationError: UNKNOWN_GUEST (no expectation of ``kind``),
+            UNKNOWN_PLATFORM (another AMD root), BAD_CHAIN (a link does not
+            verify), POLICY_REFUSED (the guest's policy, or firmware older
+            than it requires).
         """
         check_guest_id(guest)
 
         def decide() -> tuple[LaunchOffer, str]:
-            launch = self._expected(guest)
+            launch = self._expected(guest, kind)
             check_policy(guest, launch)
             pdh = self._verify(guest, platform)
             check_firmware(guest, launch, pdh.api_major, pdh.api_minor, "the platform's PEK")
@@ -188,7 +195,7 @@ class GuestOwner:
             while len(self._pending) > MAX_PENDING:
                 self._pending.popitem(last=False)
             offer = LaunchOffer(handle, launch.policy, keys.dh_cert, keys.session)
-            return offer, f"pdh {_pdh_id(pdh.cert)} api {pdh.api_major}.{pdh.api_minor}"
+            return offer, f"{kind} pdh {_pdh_id(pdh.cert)} api {pdh.api_major}.{pdh.api_minor}"
 
         return self._decide("start-launch", guest, None, decide)
 
@@ -225,7 +232,7 @@ class GuestOwner:
             if not hmac.compare_digest(expected, measured.measure):
                 raise AttestationError(
                     Refusal.MEASUREMENT_MISMATCH, guest,
-                    f"MEASURE is not the expected launch's (digest "
+                    f"MEASURE is not the expected {pending.launch.kind} launch's (digest "
                     f"{pending.launch.digest.hex()[:16]}, policy "
                     f"{pending.launch.policy.value:#x}, firmware {firmware})")
             check_firmware(guest, pending.launch, firmware.api_major, firmware.api_minor,
@@ -236,11 +243,11 @@ class GuestOwner:
 
         return self._decide("release-secret", guest, session, decide)
 
-    def _expected(self, guest: str) -> ExpectedLaunch:
-        launch = self.state.expected(guest)
+    def _expected(self, guest: str, kind: LaunchKind) -> ExpectedLaunch:
+        launch = self.state.expected(guest, kind)
         if launch is None:
             raise AttestationError(Refusal.UNKNOWN_GUEST, guest,
-                                   "no expected launch is recorded for it")
+                                   f"no expected {kind} launch is recorded for it")
         return launch
 
     def _verify(self, guest: str, platform: PlatformChain | PlatformCerts) -> PdhPublicKey:

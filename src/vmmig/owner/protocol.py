@@ -5,8 +5,8 @@ Modelled on QMP so that it reads familiar; each message is one JSON object
 on one line of at most :data:`MAX_LINE` bytes (UTF-8, ``\\n``-terminated)::
 
     S: {"vmmig-owner": {"version": 1, "operations": ["release-secret", "start-launch"]}}
-    C: {"execute": "start-launch", "arguments": {"guest": "web-1",
-        "pdh": B64, "cert-chain": B64, "amd-cert-chain": B64}}          (last one optional)
+    C: {"execute": "start-launch", "arguments": {"guest": "web-1", "kind": "boot",
+        "pdh": B64, "cert-chain": B64, "amd-cert-chain": B64}}  (kind, amd-cert-chain optional)
     S: {"return": {"session": HEX, "policy": 1, "dh-cert": B64, "session-blob": B64}}
     C: {"execute": "release-secret", "arguments": {"guest": "web-1", "session": HEX,
         "measurement": B64, "api-major": 1, "api-minor": 55, "build-id": 21,
@@ -16,7 +16,8 @@ on one line of at most :data:`MAX_LINE` bytes (UTF-8, ``\\n``-terminated)::
                   "reason": "measurement-mismatch", "guest": "web-1", "detail": "..."}}
     S: {"error": {"class": "ProtocolError", "desc": "..."}}
 
-``pdh``/``cert-chain`` are ``query-sev-capabilities``' fields; the
+``kind`` is a :class:`~vmmig.owner.expected.LaunchKind` value, ``boot`` when
+absent.  ``pdh``/``cert-chain`` are ``query-sev-capabilities``' fields; the
 ``release-secret`` reply holds ``sev-inject-launch-secret``'s arguments.
 Error classes: ``AttestationError`` (the owner refused; ``reason`` is a
 :class:`~vmmig.owner.errors.Refusal` value), ``ConfigError`` (a bad guest
@@ -39,6 +40,7 @@ from typing import Any, Final
 
 from vmmig.errors import VmmigError
 from vmmig.owner.errors import AttestationError, Refusal
+from vmmig.owner.expected import LaunchKind
 from vmmig.owner.guest_owner import LaunchOffer, PlatformCerts
 from vmmig.platforms.emu.psp import FirmwareVersion, PlatformChain, Policy, SecretPacket
 from vmmig.platforms.emu.psp.store import b64
@@ -58,6 +60,7 @@ __all__ = [
     "firmware_from_json",
     "get_bytes",
     "get_str",
+    "kind_from_json",
     "offer_from_json",
     "offer_to_json",
     "packet_from_json",
@@ -135,6 +138,17 @@ def certs_from_json(arguments: dict[str, Any]) -> PlatformCerts:
     """:func:`certs_to_json`'s inverse."""
     amd = get_bytes(arguments, "amd-cert-chain") if "amd-cert-chain" in arguments else None
     return PlatformCerts(get_bytes(arguments, "pdh"), get_bytes(arguments, "cert-chain"), amd)
+
+
+def kind_from_json(arguments: dict[str, Any]) -> LaunchKind:
+    """``start-launch``'s optional ``kind``; :class:`OwnerProtocolError` if not a kind."""
+    if "kind" not in arguments:
+        return LaunchKind.BOOT
+    try:
+        return LaunchKind(get_str(arguments, "kind"))
+    except ValueError:
+        raise OwnerProtocolError(f"argument 'kind' must be one of "
+                                 f"{', '.join(LaunchKind)}") from None
 
 
 def firmware_from_json(arguments: dict[str, Any]) -> FirmwareVersion:

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import attrs
 
 from vmmig.errors import PlatformError
+from vmmig.owner.expected import LaunchKind
 from vmmig.owner.guest_owner import LaunchOffer, PlatformCerts
 from vmmig.platforms.emu.psp import FirmwareVersion, Measurement, PlatformChain, SecretPacket
 from vmmig.platforms.emu.psp.store import b64
@@ -50,7 +51,8 @@ QmpExecute = Callable[[str, Mapping[str, object]], Awaitable[Any]]
 class OwnerService(Protocol):
     """What a launch needs of the guest owner, in process or remote."""
 
-    def start_launch(self, guest: str, platform: PlatformChain | PlatformCerts) -> LaunchOffer:
+    def start_launch(self, guest: str, platform: PlatformChain | PlatformCerts, *,
+                     kind: LaunchKind = LaunchKind.BOOT) -> LaunchOffer:
         """See :meth:`vmmig.owner.GuestOwner.start_launch`."""
         ...
 
@@ -85,12 +87,14 @@ def _unb64(reply: Mapping[str, Any], field: str, command: str) -> bytes:
 
 
 def launch_files(owner: OwnerService, guest: str, platform: PlatformChain | PlatformCerts,
-                 directory: Path) -> LaunchFiles:
+                 directory: Path, *, kind: LaunchKind = LaunchKind.BOOT) -> LaunchFiles:
     """Start a launch of ``guest`` on ``platform`` and write its DH certificate and session.
 
+    :param kind: :attr:`~LaunchKind.MIGRATION_TARGET` for a machine started
+        with ``--incoming --mh-target``.
     :raises AttestationError: the owner refused the platform or the guest.
     """
-    offer = owner.start_launch(guest, platform)
+    offer = owner.start_launch(guest, platform, kind=kind)
     stem = directory / f"{guest}.{offer.session[:8]}"
     files = LaunchFiles(offer, stem.with_name(f"{stem.name}.dh-cert.b64"),
                         stem.with_name(f"{stem.name}.session.b64"))

@@ -40,6 +40,7 @@ from vmmig.owner.protocol import (
     firmware_from_json,
     get_bytes,
     get_str,
+    kind_from_json,
     offer_to_json,
     packet_to_json,
 )
@@ -73,7 +74,8 @@ def _dispatch(owner: GuestOwner, message: dict[str, Any]) -> dict[str, Any]:
         raise OwnerProtocolError("arguments must be a JSON object")
     if operation == "start-launch":
         return offer_to_json(owner.start_launch(get_str(arguments, "guest"),
-                                                certs_from_json(arguments)))
+                                                certs_from_json(arguments),
+                                                kind=kind_from_json(arguments)))
     if operation == "release-secret":
         pdh = get_bytes(arguments, "pdh") if "pdh" in arguments else None
         return packet_to_json(owner.release_secret(

@@ -4,13 +4,16 @@ Layout (the directory is made mode 0700, every file 0600, written atomically
 by :mod:`vmmig.platforms.emu.psp.store`)::
 
     DIR/trust.json            {"ask": b64, "ark": b64}: the AMD certificates pinned
-    DIR/guests/<guest>.json   the guest's ExpectedLaunch (see :mod:`.expected`)
+    DIR/guests/<guest>.json   the guest's boot ExpectedLaunch (see :mod:`.expected`)
+    DIR/targets/<guest>.json  its migration-target ExpectedLaunch, if it migrates
     DIR/secrets/<guest>.json  {"secret": b64}: the guest's master secret
     DIR/audit.jsonl           the decision log (see :mod:`.audit`)
 
-The master secret is made on first use (32 random bytes) under a lock, so
-two owner processes sharing the directory never hand out two different
-secrets for one guest: source and target of a migration must get the same.
+Each kind of expectation has its own directory, so that no guest id can
+name another's file.  The master secret is made on first use (32 random
+bytes) under a lock, so two owner processes sharing the directory never
+hand out two different secrets for one guest: source and target of a
+migration must get the same.
 Launch sessions are not kept here: they live in the owner's memory only, so
 a restarted owner forgets its pending sessions (their launches must start
 over) and can never be made to reuse one.
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import Final
 
 from vmmig.errors import ConfigError, PlatformError
-from vmmig.owner.expected import ExpectedLaunch
+from vmmig.owner.expected import ExpectedLaunch, LaunchKind
 from vmmig.platforms.emu.psp.amd_cert import AmdCert
 from vmmig.platforms.emu.psp.sev_cert import Usage
 from vmmig.platforms.emu.psp.store import b64, locked, read_state, unb64, write_state
@@ -37,6 +40,8 @@ __all__ = ["GUEST_ID", "MASTER_SECRET_SIZE", "OwnerState", "TrustAnchor"]
 GUEST_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 #: Bytes of a new master secret.
 MASTER_SECRET_SIZE: Final = 32
+#: The directory of each kind of expected launch.
+_EXPECTATIONS: Final = {LaunchKind.BOOT: "guests", LaunchKind.MIGRATION_TARGET: "targets"}
 
 
 class TrustAnchor:
@@ -83,7 +88,7 @@ class OwnerState:
         self.directory = directory
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
-        for sub in ("guests", "secrets"):
+        for sub in (*_EXPECTATIONS.values(), "secrets"):
             (directory / sub).mkdir(mode=0o700, exist_ok=True)
         self.trust = self._pin(trust)
 
@@ -103,24 +108,29 @@ class OwnerState:
                               "an owner never re-pins its root")
         return pinned
 
+    def _expectation(self, guest: str, kind: LaunchKind) -> Path:
+        return self.directory / _EXPECTATIONS[kind] / f"{check_guest_id(guest)}.json"
+
     def expect(self, guest: str, launch: ExpectedLaunch) -> None:
-        """Record (or replace) ``guest``'s expected launch."""
-        write_state(self.directory / "guests" / f"{check_guest_id(guest)}.json",
-                    launch.to_json())
+        """Record (or replace) ``guest``'s expected launch of ``launch.kind``."""
+        write_state(self._expectation(guest, launch.kind), launch.to_json())
 
-    def expected(self, guest: str) -> ExpectedLaunch | None:
-        """``guest``'s expected launch, None if none is recorded.
+    def expected(self, guest: str, kind: LaunchKind = LaunchKind.BOOT) -> ExpectedLaunch | None:
+        """``guest``'s expected launch of ``kind``, None if none is recorded.
 
-        :raises PlatformError: the stored file is corrupt.
+        :raises PlatformError: the stored file is corrupt, or of another kind.
         """
-        path = self.directory / "guests" / f"{check_guest_id(guest)}.json"
+        path = self._expectation(guest, kind)
         data = read_state(path)
         if data is None:
             return None
         try:
-            return ExpectedLaunch.from_json(data)
+            launch = ExpectedLaunch.from_json(data)
         except ValueError as err:
             raise PlatformError(f"{path}: {err}") from None
+        if launch.kind is not kind:
+            raise PlatformError(f"{path}: a {launch.kind} launch where a {kind} one belongs")
+        return launch
 
     def master_secret(self, guest: str) -> bytes:
         """``guest``'s master secret, made (and kept) on first use."""

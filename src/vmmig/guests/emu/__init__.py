@@ -48,7 +48,6 @@ import attrs
 from vmmig.guests.ab_check import AB_START, INFO_ADDR
 from vmmig.guests.build import build_from_source
 from vmmig.guests.emu.regs_check import ENTRY_SIZE, REGS_INFO
-from vmmig.platforms.emu.vcpu import tsc_hz
 from vmmig.platforms.emu.vmsa import Segment, Vmsa
 
 
@@ -100,7 +99,7 @@ _CODE64, _DATA = Segment(0x08, 0xA9B, 0xFFFFFFFF, 0), Segment(0x10, 0xC93, 0xFFF
 _CR0 = 0x8001_0033  # PG WP NE ET MP PE
 _CR4 = 0x620  # OSXMMEXCPT OSFXSR PAE
 _EFER = 0x500  # LMA LME
-_DIRTY = struct.Struct("<9Q")
+_DIRTY = struct.Struct("<10Q")
 
 
 @attrs.frozen
@@ -121,14 +120,17 @@ class AbParams:
 class DirtyParams:
     """What the dirty program writes, and how fast.
 
-    :param bytes_per_second: newly dirtied memory per second (pages of 4 KiB).
+    :param bytes_per_second: newly dirtied memory per second (pages of 4 KiB),
+        below 2**64: the guest reads it as a u64.
     :param start: first byte of the region, page aligned, at least 1 MiB.
     :param end: end of the region, exclusive, page aligned; None for the end of RAM.
     :param pattern: pages in address order, or at random.
     :param seed: the random pattern's xorshift64 seed, non-zero.
     """
 
-    bytes_per_second: int = attrs.field(default=64 << 20, validator=attrs.validators.gt(0))
+    bytes_per_second: int = attrs.field(default=64 << 20,
+                                        validator=[attrs.validators.gt(0),
+                                                   attrs.validators.lt(1 << 64)])
     start: int = DATA_START
     end: int | None = None
     pattern: Literal["sequential", "random"] = "sequential"
@@ -292,12 +294,11 @@ def _write_ab(mem: memoryview, params: AbParams) -> None:
 
 def _write_dirty(mem: memoryview, params: DirtyParams) -> None:
     start, end = _region(mem, params.start, params.end, 1 << 64)
-    hz = tsc_hz()
-    pages_per_second = params.bytes_per_second / PAGE_SIZE
-    per_tick = max(1, round(pages_per_second * TICK_SECONDS))
-    tick_tsc = max(1, round(hz * per_tick / pages_per_second))
-    _DIRTY.pack_into(mem, DIRTY_INFO, start, end, per_tick, tick_tsc, max(1, round(hz / 1e6)),
-                     params.pattern == "random", params.seed, 0, 0)
+    # The rate, not a tick length in TSC cycles: an SEV launch measures this
+    # block, so it must not depend on the host; the guest asks CPUID for the TSC.
+    per_tick = max(1, round(params.bytes_per_second / PAGE_SIZE * TICK_SECONDS))
+    _DIRTY.pack_into(mem, DIRTY_INFO, start, end, per_tick, params.bytes_per_second,
+                     params.pattern == "random", params.seed, 0, 0, 0, 0)
 
 
 def _write_regs(mem: memoryview, params: RegsParams) -> None:

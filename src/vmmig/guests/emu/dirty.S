@@ -6,24 +6,31 @@
 # per second to chase: "dirty:64M" is 16384 pages/s.  Pages are taken in
 # address order, wrapping at the end of the region, or at random (xorshift64).
 #
-# Time is the TSC: Unicorn passes the host's through, and the host, which
-# measured its rate, gives the tick length in TSC cycles.  Between ticks the
-# guest idles through the vCPU's idle port (vmmig.platforms.emu.vcpu.IDLE_PORT,
-# the microseconds to wait) instead of spinning, as a real vCPU would HLT
-# until its timer.  A late tick is caught up (a burst) if less than
-# MAX_LAG_TICKS late; later than that (after a pause, a migration), or when
-# the TSC went backwards (another host), the schedule starts afresh from now.
+# Time is the TSC: Unicorn passes the host's through, and the hypervisor
+# gives its rate in kHz in CPUID leaf 0x40000010 (EAX), as VMware and KVM
+# do, when leaf 0x40000000 (EAX) says it goes that far.  The guest derives
+# its tick length from that rate at start: the host writes only the rate
+# asked, because the block is part of an SEV guest's measured launch image,
+# which must be the same whichever host builds it.  Without the leaf (or
+# with a TSC rate of 0) there is no clock to keep a rate by: the guest
+# prints '?' and halts.  Between ticks the guest idles through the vCPU's
+# idle port (vmmig.platforms.emu.vcpu.IDLE_PORT, the microseconds to wait)
+# instead of spinning, as a real vCPU would HLT until its timer.  A late
+# tick is caught up (a burst) if less than MAX_LAG_TICKS late; later than
+# that (after a pause, a migration), or when the TSC went backwards
+# (another host), the schedule starts afresh from now.
 #
 # Block at 0x600 (u64s), written by vmmig.guests.emu.load_program:
 #   0x600  start        (host)  first byte of the region, page aligned
 #   0x608  end          (host)  end of the region, exclusive, page aligned
 #   0x610  per_tick     (host)  pages written per tick, >= 1
-#   0x618  tick_tsc     (host)  TSC cycles per tick
-#   0x620  tsc_per_us   (host)  TSC cycles per microsecond, >= 1
-#   0x628  random       (host)  0: address order, 1: random pages
-#   0x630  seed         (host)  xorshift64 state, non-zero
-#   0x638  writes       (guest) pages written so far
-#   0x640  ticks        (guest) ticks so far
+#   0x618  rate         (host)  bytes to dirty per second, >= 1
+#   0x620  random       (host)  0: address order, 1: random pages
+#   0x628  seed         (host)  xorshift64 state, non-zero
+#   0x630  tick_tsc     (guest) TSC cycles per tick, >= 1
+#   0x638  tsc_per_us   (guest) TSC cycles per microsecond, >= 1
+#   0x640  writes       (guest) pages written so far
+#   0x648  ticks        (guest) ticks so far
 #
 # It prints 'D' on COM1 when it starts and '.' every 256 ticks.
 # Position-independent: it may be loaded anywhere below 1 MiB.
@@ -32,21 +39,51 @@
         .set    IDLE_PORT, 0xe0
         .set    PAGE, 0x1000
         .set    MAX_LAG_TICKS, 64
+        .set    CPUID_HV_BASE, 0x40000000
+        .set    CPUID_HV_TIMING, 0x40000010
         .set    INFO, 0x600
         .set    D_START, INFO + 0x00
         .set    D_END, INFO + 0x08
         .set    D_PER_TICK, INFO + 0x10
-        .set    D_TICK_TSC, INFO + 0x18
-        .set    D_TSC_PER_US, INFO + 0x20
-        .set    D_RANDOM, INFO + 0x28
-        .set    D_SEED, INFO + 0x30
-        .set    D_WRITES, INFO + 0x38
-        .set    D_TICKS, INFO + 0x40
+        .set    D_RATE, INFO + 0x18
+        .set    D_RANDOM, INFO + 0x20
+        .set    D_SEED, INFO + 0x28
+        .set    D_TICK_TSC, INFO + 0x30
+        .set    D_TSC_PER_US, INFO + 0x38
+        .set    D_WRITES, INFO + 0x40
+        .set    D_TICKS, INFO + 0x48
 
         .code64
         .text
         .globl  _start
 _start:
+        mov     $CPUID_HV_BASE, %eax
+        cpuid
+        cmp     $CPUID_HV_TIMING, %eax
+        jb      no_clock                # no timing leaf
+        mov     $CPUID_HV_TIMING, %eax
+        cpuid
+        test    %eax, %eax
+        jz      no_clock
+        mov     %eax, %esi              # %rsi = TSC kHz
+
+        # A tick is per_tick pages at rate bytes/s: TSC Hz * per_tick * PAGE / rate
+        # cycles, the product in 128 bits (for any per_tick the host derives from
+        # rate, the quotient fits in 64).
+        imul    $1000 * PAGE, %rsi, %rax
+        mulq    D_PER_TICK
+        divq    D_RATE
+        cmp     $1, %rax                # at least 1 (the carry is set for 0)
+        adc     $0, %rax
+        mov     %rax, D_TICK_TSC
+        lea     500(%rsi), %rax         # TSC cycles per microsecond, rounded, at least 1
+        xor     %edx, %edx
+        mov     $1000, %ecx
+        div     %rcx
+        cmp     $1, %rax
+        adc     $0, %rax
+        mov     %rax, D_TSC_PER_US
+
         # Registers for the whole run:
         #   %r8 start, %r9 end, %r10 pages in the region, %r11 pages per tick,
         #   %r12 tick length, %r13 random?, %r14 xorshift state, %r15 deadline
@@ -143,3 +180,9 @@ due:
 resync:
         mov     %rax, %r15              # too late (or early) to catch up: start afresh now
         jmp     tick
+
+no_clock:
+        mov     $'?', %al
+        mov     $COM1, %dx
+        out     %al, %dx
+        hlt

@@ -239,7 +239,10 @@ def program_for(workload: str, end: int | None = None
             raise ConfigError("workload", f"dirty rate: {err}") from None
         pattern: Literal["sequential", "random"] = "random" if match[2] == "random" \
             else "sequential"
-        return "dirty", DirtyParams(bytes_per_second=rate, end=end, pattern=pattern)
+        try:
+            return "dirty", DirtyParams(bytes_per_second=rate, end=end, pattern=pattern)
+        except ValueError as err:
+            raise ConfigError("workload", f"dirty rate: {err}") from None
     raise ConfigError("workload", f"{workload!r} is not an emulated workload; choose one of "
                       f"{', '.join(EMU_WORKLOADS)}")
 

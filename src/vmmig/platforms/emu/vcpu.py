@@ -47,6 +47,14 @@ steps over the instruction and continues in the same slice.  Without a
 handler every hypercall answers ``-KVM_ENOSYS`` (-1000), as KVM answers an
 unknown one.  SEV-ES guests would use the GHCB instead; here they use
 ``vmmcall`` too.
+
+CPUID.  The vCPU answers the hypervisor leaves from :data:`CPUID_HV_BASE`
+to :data:`CPUID_HV_TIMING` itself, as VMware and KVM do: the base leaf
+gives the highest of them and a vendor id (:data:`CPUID_HV_VENDOR`), the
+timing leaf the TSC's rate in kHz (EAX; the APIC's, EBX, is 0: there is
+none), and the others read as zeros.  So a guest learns its clock's rate at
+run time rather than from its launch image, which must not depend on the
+host it is measured on.  Every other leaf is Unicorn's.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ import ctypes
 import enum
 import functools
 import mmap
+import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -85,8 +94,9 @@ from vmmig.errors import PlatformError
 from vmmig.platforms.emu.vmsa import XMM_COUNT, Segment, Vmsa
 
 
-__all__ = ["IDLE_PORT", "KVM_ENOSYS", "MAX_IDLE_US", "MAX_THROTTLE", "SLICE", "VMMCALL",
-           "HypercallHandler", "PortWriteHandler", "Vcpu", "VcpuState", "tsc_hz"]
+__all__ = ["CPUID_HV_BASE", "CPUID_HV_TIMING", "CPUID_HV_VENDOR", "IDLE_PORT", "KVM_ENOSYS",
+           "MAX_IDLE_US", "MAX_THROTTLE", "SLICE", "VMMCALL", "HypercallHandler",
+           "PortWriteHandler", "Vcpu", "VcpuState", "tsc_hz"]
 
 #: ``on_port_write(port, size, value)``: a guest ``out`` of ``size`` bytes.
 PortWriteHandler = Callable[[int, int, int], None]
@@ -97,6 +107,13 @@ HypercallHandler = Callable[[int, tuple[int, int, int, int]], int]
 VMMCALL: Final = b"\x0f\x01\xd9"
 #: KVM's "no such hypercall" (include/uapi/linux/kvm_para.h); RAX gets its negation.
 KVM_ENOSYS: Final = 1000
+
+#: CPUID's hypervisor base leaf: the highest hypervisor leaf and the vendor id.
+CPUID_HV_BASE: Final = 0x4000_0000
+#: The timing leaf (VMware's, which KVM adopted): TSC kHz in EAX, APIC kHz in EBX.
+CPUID_HV_TIMING: Final = 0x4000_0010
+#: The vendor id the base leaf gives in EBX, ECX and EDX.
+CPUID_HV_VENDOR: Final = b"VmmigEmuVcpu"
 
 #: Port whose 32-bit ``out`` value is a number of microseconds to idle.
 IDLE_PORT: Final = 0xE0
@@ -158,6 +175,8 @@ _TABLES: Final[Mapping[str, int]] = MappingProxyType({
     "tr": x86.UC_X86_REG_TR,
 })
 _XMM = tuple(x86.UC_X86_REG_XMM0 + i for i in range(XMM_COUNT))
+#: Where CPUID puts its answer.
+_CPUID_OUT = (x86.UC_X86_REG_RAX, x86.UC_X86_REG_RBX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_RDX)
 
 _VECTORS = {0: "#DE", 1: "#DB", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
             10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC",
@@ -208,6 +227,7 @@ class Vcpu:
         self._span = (ram_base_gpa, len(ram))
         self._uc.mem_map_ptr(ram_base_gpa, len(ram), UC_PROT_ALL, ctypes.addressof(self._pin))
         self._uc.hook_add(UC_HOOK_INSN, self._out_hook, None, 1, 0, x86.UC_X86_INS_OUT)
+        self._uc.hook_add(UC_HOOK_INSN, self._cpuid_hook, None, 1, 0, x86.UC_X86_INS_CPUID)
         self._uc.hook_add(UC_HOOK_INTR, self._exception_hook)
         self._uc.hook_add(UC_HOOK_MEM_INVALID, self._bad_access_hook)
         self._uc.hook_add(UC_HOOK_INSN_INVALID, self._hypercall_hook)
@@ -225,6 +245,8 @@ class Vcpu:
         # What Unicorn cannot hold (hidden segment parts) comes from the last VMSA loaded.
         self._loaded = Vmsa()
         self._throttle = 0
+        # Measured here, not in the CPUID hook: that would nest a Unicorn run in this one's.
+        self._tsc_khz = round(tsc_hz() / 1000)
         self._vmsa = self._read_registers()
 
     def __enter__(self) -> Vcpu:
@@ -454,6 +476,24 @@ class Vcpu:
         elif self._on_port_write is not None:
             self._on_port_write(port, size, value)
 
+    def _cpuid_hook(self, uc: Uc, _data: object) -> bool:
+        """A CPUID: answer the hypervisor leaves, leave the others to Unicorn.
+
+        :returns: True when answered here (Unicorn then skips its own CPUID).
+        """
+        leaf = self._reg(x86.UC_X86_REG_RAX) & 0xFFFF_FFFF  # CPUID reads EAX only
+        if not CPUID_HV_BASE <= leaf <= CPUID_HV_TIMING:
+            return False
+        if leaf == CPUID_HV_BASE:
+            answer: tuple[int, ...] = (CPUID_HV_TIMING, *struct.unpack("<3I", CPUID_HV_VENDOR))
+        elif leaf == CPUID_HV_TIMING:
+            answer = (self._tsc_khz, 0, 0, 0)
+        else:
+            answer = (0, 0, 0, 0)
+        for reg, value in zip(_CPUID_OUT, answer, strict=True):
+            uc.reg_write(reg, value)
+        return True
+
     def _exception_hook(self, uc: Uc, vector: int, _data: object) -> None:
         """A CPU exception: the guests have no IDT, so it ends the vCPU."""
         name = _VECTORS.get(vector, f"#{vector}")
@@ -567,7 +607,8 @@ def tsc_hz() -> float:
     """How fast the TSC that guests read with RDTSC counts, in ticks per second.
 
     Unicorn passes the host's TSC through; this measures it once per process
-    with a two-instruction guest (``rdtsc; hlt``) over 20 ms.
+    with a two-instruction guest (``rdtsc; hlt``) over 20 ms.  Guests learn
+    it through CPUID's timing leaf (:data:`CPUID_HV_TIMING`).
 
     :returns: the TSC frequency, e.g. 2.1e9.
     :raises PlatformError: the TSC does not advance.
