@@ -21,32 +21,9 @@ Two figures per run, each over the same bytes (``ram.transferred``):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
-
-MOVING_PHASES = ("transferring-memory", "stopping-source", "transferring-cpu-state")
-
-
-def migrate(platform: str, memory: str) -> dict[str, float]:
-    """One ``vmmig run`` of the fill guest; returns GB/s figures."""
-    with tempfile.TemporaryDirectory() as work:
-        report_path = Path(work) / "report.json"
-        result = subprocess.run(
-            [sys.executable, "-m", "vmmig", "run", "--tech", "plain", "--platform", platform,
-             "--memory", memory, "--workload", "fill", "--json", str(report_path)],
-            capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise SystemExit(f"{platform}: vmmig run failed:\n{result.stderr}")
-        report = json.loads(report_path.read_text())
-    transferred = report["ram"]["transferred"]
-    moving = sum(report["phases"].get(phase, 0) for phase in MOVING_PHASES) / 1000
-    return {"rate": report["ram"]["mbps"] / 8 / 1000, "wall": transferred / moving / 1e9,
-            "transferred": transferred / 1e9}
+from run_report import migrate
 
 
 def main() -> None:
@@ -59,7 +36,9 @@ def main() -> None:
         # Alternate who goes first, so drift on a shared machine hits both.
         order = ("qemu", "emu") if rep % 2 == 0 else ("emu", "qemu")
         for platform in order:
-            runs[platform].append(migrate(platform, args.memory))
+            runs[platform].append(migrate(
+                ["--tech", "plain", "--platform", platform, "--memory", args.memory,
+                 "--workload", "fill"], platform))
         pair = {p: runs[p][-1] for p in runs}
         print(f"run {rep + 1}: " + "  ".join(
             f"{p} rate {f['rate']:.2f} GB/s wall {f['wall']:.2f} GB/s "
