@@ -121,6 +121,14 @@ def _uri(value: object) -> str:
     return value
 
 
+def _owner(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a directory or unix:PATH / tcp:HOST:PORT, got {value!r}")
+    if value.startswith("tcp:") and not re.match(r"^tcp:[^:]+:\d+$", value):
+        raise ValueError(f"expected tcp:HOST:PORT, got {value!r}")
+    return value
+
+
 def _text(value: object) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"expected a non-empty string, got {value!r}")
@@ -170,6 +178,10 @@ class MigrationPlan:
                            "Migration Handler) or psp (the PSP's SEND/RECEIVE commands)")
     mh_queues: int = _field(1, _integer(1, 4), "Migration Handler mailbox queues, one per "
                             "helper vCPU", "N")
+    owner: str | None = _field(None, _owner, "sev/sev-es guest owner: a state directory (kept "
+                               "there; expected launches recorded on first use) or the "
+                               "unix:PATH / tcp:HOST:PORT of `vmmig owner serve` (default: "
+                               "in process, forgotten after the run)", "DIR|ADDRESS")
     # The emulated PSP's cost model; defaults are assumptions (vmmig.platforms.emu.psp.cost).
     psp_latency: float = _field(15.0, _microseconds, "emulated PSP: latency per command in "
                                 "microseconds (an assumption)", "US")

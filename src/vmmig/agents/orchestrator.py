@@ -163,8 +163,8 @@ async def seal_mh(migration: Migration) -> None:
     await source.expect("manifest", STEP_TIMEOUT)
     await target.expect("verified", STEP_TIMEOUT)
     migration.record_check("memory", "the target's MH verified the source MH's sealed "
-                           "manifest: every page at its final version, SHA-256 of guest RAM "
-                           "equal")
+                           "manifest: every page at its final version, the keyed digest of "
+                           "all guest RAM equal")
 
 
 async def commit_mh(migration: Migration) -> None:

@@ -5,12 +5,16 @@ in a :class:`~vmmig.platforms.fleet.Fleet` (one work directory on tmpfs,
 every process ended on every way out), agents are started per migration by
 the technology and logged into the same directory.
 
-For ``sev`` and ``sev-es`` the run is also a small deployment: an emulated
-AMD root, a source and a target host, and the guest owner in process (its
-state in the work directory), which records the guest's two expected
-launches (boot and migration target) as its tenant would, and attests
-every VM before it gets the guest's master secret
-(:mod:`.attested_launch`).  ``attestations`` keeps what the owner accepted.
+For ``sev`` and ``sev-es`` the run is also a small deployment: the emulated
+AMD root (:func:`~.sev_hosts.default_amd_root`), a source and a target
+host, and the guest owner, which attests every VM before it gets the
+guest's master secret (:mod:`.attested_launch`); ``attestations`` keeps
+what it accepted.  The owner is the plan's ``owner``: by default in process
+with its state in the work directory; a state directory keeps it across
+runs; an address reaches ``vmmig owner serve``.  An owner in process
+records the guest's two expected launches (boot and migration target) on
+first use, as its tenant would; a served one must have them already
+(``vmmig owner expect``).
 """
 
 from __future__ import annotations
@@ -22,12 +26,12 @@ from pathlib import Path
 
 from vmmig.agents.process import AgentProcess
 from vmmig.config import MigrationPlan
-from vmmig.owner import GuestOwner, TrustAnchor, expected_launch_for
+from vmmig.owner import GuestOwner, OwnerClient, TrustAnchor, expected_launch_for
 from vmmig.owner.expected import OWNER_TECHS
 from vmmig.platforms.emu.attested_launch import Attestation, AttestedLauncher
 from vmmig.platforms.emu.dirtylog import probe
 from vmmig.platforms.emu.machine_process import EmuMachine, EmuMachineSpec
-from vmmig.platforms.emu.sev_hosts import EmulatedHosts
+from vmmig.platforms.emu.sev_hosts import EmulatedHosts, default_amd_root
 from vmmig.platforms.fleet import Fleet
 from vmmig.workloads import wait_workload_ready
 
@@ -57,21 +61,35 @@ class EmuPlatform:
         """Clean up every machine and the work directory on exit."""
         async with Fleet() as fleet:
             platform = cls(plan, fleet)
-            if plan.tech in OWNER_TECHS:
-                hosts = await asyncio.to_thread(EmulatedHosts.create, fleet.workdir / "hosts")
-                owner = await asyncio.to_thread(platform._owner, hosts)
-                platform.launcher = AttestedLauncher(owner, cls.GUEST, hosts, platform._launch)
+            if plan.tech not in OWNER_TECHS:
+                yield platform
+                return
+            hosts = await asyncio.to_thread(EmulatedHosts.create, fleet.workdir / "hosts",
+                                            default_amd_root())
+            if plan.owner is not None and plan.owner.startswith(("unix:", "tcp:")):
+                with OwnerClient(plan.owner) as client:
+                    platform.launcher = AttestedLauncher(client, cls.GUEST, hosts,
+                                                         platform._launch)
+                    yield platform
+                return
+            owner = await asyncio.to_thread(platform._owner, hosts)
+            platform.launcher = AttestedLauncher(owner, cls.GUEST, hosts, platform._launch)
             yield platform
 
     def _owner(self, hosts: EmulatedHosts) -> GuestOwner:
-        """The guest owner in process, told how the guest launches (the tenant's act)."""
+        """The guest owner in process; on first use it records how the guest launches
+        (the tenant's act; later changes are the tenant's, ``vmmig owner expect``)."""
         ask, ark = hosts.amd_certs()
-        owner = GuestOwner.open(self.fleet.workdir / "owner", TrustAnchor(ask, ark))
+        directory = self.fleet.workdir / "owner" if self.plan.owner is None \
+            else Path(self.plan.owner)
+        owner = GuestOwner.open(directory, TrustAnchor(ask, ark))
         for mh_target in (False, True):
-            owner.expect(self.GUEST, expected_launch_for(
+            launch = expected_launch_for(
                 self.plan.tech, memory=self.plan.memory, vcpus=self.plan.vcpus,
                 workload=self.plan.workload, mh_queues=self.plan.mh_queues,
-                mh_target=mh_target))
+                mh_target=mh_target)
+            if owner.state.expected(self.GUEST, launch.kind) is None:
+                owner.expect(self.GUEST, launch)
         return owner
 
     def describe(self) -> str:

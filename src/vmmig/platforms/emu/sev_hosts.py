@@ -2,13 +2,15 @@
 
 Each host is a directory holding its PSP's identity (platform keys and the
 certificate chain the root endorsed), which ``vmmig emu start --host-dir``
-loads; the root's directory plays AMD's key server.  Creating them costs a
-few RSA-4096 key generations, so a run does it once, before any machine
-starts, in a worker thread.
+loads; a run makes two new ones.  The root's directory plays AMD's key
+server; like AMD's, the root outlives the runs (a guest owner pins it), so
+it is kept in the user's cache directory and made on first use (two
+RSA-4096 keys: seconds), in a worker thread.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import attrs
@@ -17,7 +19,13 @@ from vmmig.platforms.emu.psp import EmulatedAmdRoot, PlatformChain
 from vmmig.platforms.emu.sev_launch import host_psp
 
 
-__all__ = ["EmulatedHosts"]
+__all__ = ["EmulatedHosts", "default_amd_root"]
+
+
+def default_amd_root() -> Path:
+    """Where the emulated AMD root lives: ``$XDG_CACHE_HOME/vmmig/emulated-amd-root``."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "vmmig" / "emulated-amd-root"
 
 
 @attrs.frozen
@@ -34,9 +42,10 @@ class EmulatedHosts:
     target: Path
 
     @classmethod
-    def create(cls, directory: Path) -> EmulatedHosts:
-        """A new root and two hosts it endorses, under ``directory`` (blocking: key generation)."""
-        hosts = cls(directory / "amd-root", directory / "host-a", directory / "host-b")
+    def create(cls, directory: Path, root: Path) -> EmulatedHosts:
+        """Two new hosts under ``directory``, endorsed by the root in ``root`` (made if
+        missing); blocking."""
+        hosts = cls(root, directory / "host-a", directory / "host-b")
         for host in (hosts.source, hosts.target):
             host_psp(host, hosts.root)
         return hosts

@@ -12,23 +12,17 @@ read and set, so they move as for ``plain`` and are compared directly.
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 from vmmig.agents import orchestrator
 from vmmig.agents.orchestrator import commit_mh, rollback, seal_mh, stop_source, transfer_memory
 from vmmig.errors import PlatformError
 from vmmig.migration import Migration
+from vmmig.platforms.emu.guest_activity import wait_guest_writes
 from vmmig.platforms.emu.machine_process import EmuMachine
 from vmmig.platforms.emu.platform import EmuPlatform
-from vmmig.workloads import PROGRESS_TIMEOUT, guest_halts
 
 
 __all__ = ["finalize", "prepare_target", "rollback", "start_helper", "stop_source",
            "transfer_cpu_state", "transfer_memory", "verify"]
-
-#: How often the resumed target's dirty log is read.
-_POLL = 0.05
 
 
 def _machines(migration: Migration) -> tuple[EmuMachine, EmuMachine]:
@@ -80,29 +74,11 @@ async def verify(migration: Migration) -> None:
     migration.record_check("vcpu-state", detail, ok=same)
 
 
-async def _guest_writes(machine: EmuMachine, workload: str) -> tuple[bool, str]:
-    """Whether a resumed encrypted guest runs: its state, and its writes in the dirty log."""
-    if (state := await machine.status()) != "running":
-        return False, f"guest is {state!r}, not running"
-    if guest_halts(workload):
-        return True, "guest running"
-    await machine.execute("x-dirty-log-start")
-    try:
-        deadline = time.monotonic() + PROGRESS_TIMEOUT
-        while time.monotonic() < deadline:
-            await asyncio.sleep(_POLL)
-            if dirty := (await machine.execute("x-dirty-log-sync"))["dirty"]:
-                return True, f"guest running, writing its memory ({dirty} pages dirtied)"
-    finally:
-        await machine.execute("x-dirty-log-stop")
-    return False, f"guest wrote nothing for {PROGRESS_TIMEOUT:.0f} s after resume"
-
-
 async def finalize(migration: Migration) -> None:
     """The target's MH commits, the target resumes and runs; the retired source ends."""
     source, target = _machines(migration)
     await commit_mh(migration)
     await target.cont()
-    ok, detail = await _guest_writes(target, migration.plan.workload)
+    ok, detail = await wait_guest_writes(target, migration.plan.workload)
     migration.record_check("guest-running", detail, ok=ok)
     await source.shutdown()
