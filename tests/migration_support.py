@@ -15,6 +15,7 @@ from pathlib import Path
 
 from vmmig import hookimpl
 from vmmig.config import MigrationPlan
+from vmmig.platforms.emu.guest_activity import wait_guest_writes
 from vmmig.plugin_host import PluginHost
 from vmmig.runner import open_platform, run_migration
 from vmmig.workloads import wait_guest_progress
@@ -63,22 +64,35 @@ class SourceWatch:
             self.on_progress = None
 
 
-def migrate_in_process(plan: MigrationPlan, watch: SourceWatch):
+def migrate_in_process(plan: MigrationPlan, watch: SourceWatch, platform=None, after=None,
+                       plugins=()):
     """Run a migration; before the platform is torn down, report whether the source guest
-    still runs there: (ok, detail), or None when the source is gone."""
+    still runs there: (ok, detail), or None when the source is gone.
+
+    :param platform: the platform class (default: the plan's).
+    :param after: a dict that gets ``source-mh``, the source's ``x-query-mh``, for an
+        encrypted guest still there.
+    :param plugins: more plugins to register (observers).
+    """
     host = PluginHost(entry_points=False)
-    host.pm.register(watch, name="watch")
-    after = {}
+    for index, plugin in enumerate([watch, *plugins]):
+        host.pm.register(plugin, name=f"test-plugin-{index}")
+    after = {} if after is None else after
 
     @contextlib.asynccontextmanager
     async def opener(plan):
-        async with open_platform(plan) as platform:
-            yield platform
+        async with (open_platform(plan) if platform is None else platform.open(plan)) as opened:
+            yield opened
             source = watch.migration.source
-            if not source.exited:
+            if source.exited:
+                return
+            if plan.tech == "plain":
                 with source.map_ram() as ram:
                     after["source"] = await wait_guest_progress(plan.workload, ram,
                                                                 source.status)
+            else:
+                after["source"] = await wait_guest_writes(source, plan.workload)
+                after["source-mh"] = await source.execute("x-query-mh")
 
     report = asyncio.run(run_migration(plan, host, opener=opener))
     return report, after.get("source")

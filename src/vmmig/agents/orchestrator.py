@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -33,6 +34,8 @@ __all__ = ["commit_mh", "prepare_target", "rollback", "seal_mh", "stop_source",
 PAGE = 4096
 #: Bound on steps that involve no bulk transfer (an agent starting, a state exchange).
 STEP_TIMEOUT = 60.0
+#: How long a failed source's target agent gets to say why it failed.
+TARGET_REASON_TIMEOUT = 2.0
 
 
 def _platform(migration: Migration) -> EmuPlatform:
@@ -105,15 +108,31 @@ class _Rounds:
                                     migration.ram.mbps, number))
 
 
+@contextlib.asynccontextmanager
+async def _target_explains(migration: Migration) -> AsyncIterator[None]:
+    """A source agent that failed may not know why (a broken channel): add the target
+    agent's own error, if it reported one that the source's message lacks."""
+    try:
+        yield
+    except MigrationFailed as err:
+        target = migration.scratch.get("target-agent")
+        if isinstance(target, AgentProcess):
+            reason = await target.error(TARGET_REASON_TIMEOUT)
+            if reason is not None and reason not in str(err):
+                raise MigrationFailed(f"{err}; target agent: {reason}") from err
+        raise
+
+
 async def transfer_memory(migration: Migration) -> None:
     """Let the source agent run its rounds; relay them until it converges (or hits the cap)."""
     agent = _agent(migration, "source")
     started = time.monotonic()
     rounds = _Rounds(migration)
-    await agent.command("migrate")
-    await agent.expect("started", STEP_TIMEOUT)
-    migration.setup_ms = int((time.monotonic() - started) * 1000)
-    converged = await agent.expect("converged", on_event=rounds)
+    async with _target_explains(migration):
+        await agent.command("migrate")
+        await agent.expect("started", STEP_TIMEOUT)
+        migration.setup_ms = int((time.monotonic() - started) * 1000)
+        converged = await agent.expect("converged", on_event=rounds)
     migration.scratch["rounds"] = rounds
     migration.log.info("precopy ended: %s", converged["reason"])
 
@@ -122,8 +141,9 @@ async def stop_source(migration: Migration) -> None:
     """Pause the source guest and send what is still dirty."""
     agent = _agent(migration, "source")
     migration.scratch["stopping"] = True
-    await agent.command("stop")
-    stopped = await agent.expect("stopped", STEP_TIMEOUT)
+    async with _target_explains(migration):
+        await agent.command("stop")
+        stopped = await agent.expect("stopped", STEP_TIMEOUT)
     rounds: _Rounds = migration.scratch["rounds"]
     rounds.seconds += float(stopped["seconds"])
 
@@ -134,8 +154,9 @@ async def transfer_cpu_state(migration: Migration) -> None:
     On the MH page path both agents stay, for :func:`seal_mh` and :func:`commit_mh`.
     """
     source, target = _agent(migration, "source"), _agent(migration, "target")
-    await source.command("finish")
-    sent = await source.expect("sent", STEP_TIMEOUT)
+    async with _target_explains(migration):
+        await source.command("finish")
+        sent = await source.expect("sent", STEP_TIMEOUT)
     await target.expect("received", STEP_TIMEOUT)
     rounds: _Rounds = migration.scratch["rounds"]
     migration.downtime_ms = int(float(sent["downtime"]) * 1000)
@@ -159,8 +180,9 @@ async def seal_mh(migration: Migration) -> None:
     """
     source, target = _agent(migration, "source"), _agent(migration, "target")
     migration.scratch["sealed"] = True
-    await source.command("seal")
-    await source.expect("manifest", STEP_TIMEOUT)
+    async with _target_explains(migration):
+        await source.command("seal")
+        await source.expect("manifest", STEP_TIMEOUT)
     await target.expect("verified", STEP_TIMEOUT)
     migration.record_check("memory", "the target's MH verified the source MH's sealed "
                            "manifest: every page at its final version, the keyed digest of "

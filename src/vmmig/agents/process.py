@@ -97,6 +97,19 @@ class AgentProcess:
                 return event
             on_event(event)
 
+    async def error(self, timeout: float) -> str | None:
+        """The agent's error event, if it reports one within ``timeout`` s (events
+        before it are dropped: call this only once the migration has failed)."""
+        stdout = self._process.stdout
+        assert stdout is not None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while line := await stdout.readline():
+                    event: Event = json.loads(line)
+                    if event.get("event") == "error":
+                        return str(event.get("message"))
+        return None
+
     async def command(self, cmd: str) -> None:
         """Send one command line.
 
