@@ -82,6 +82,22 @@ class TestLiveMigration:
         assert "attestation" in result.stdout
         assert "guest-running" in result.stdout
 
+    def test_the_psp_strategy_moves_the_guest_through_both_psps(self, tmp_path, no_leftovers):
+        """--strategy psp: SEND_START/RECEIVE_START, a packet per page, SEND/RECEIVE_FINISH;
+        the report says memory is not checked end to end on that path."""
+        result, report = run_cli(tmp_path, "--memory", "16M", "--workload", "dirty:1M",
+                                 "--strategy", "psp")
+        assert result.returncode == 0, result.stderr
+        assert report["status"] == "completed"
+        checks = report["integrity-details"]["checks"]
+        assert checks["attestation"].endswith("target: keys from the source PSP's SEND_START")
+        assert checks["page-packets"].endswith("the PSP path has no digest of all memory")
+        assert checks["vcpu-state"] == "registers of all 1 vCPUs equal on both sides"
+        assert checks["guest-running"].startswith("guest running, writing its memory")
+        assert report["ram"]["duplicate"] == 0, "the host learnt which pages are zero"
+        assert report["ram"]["normal"] >= 3 << 10  # most of 4096 (never-touched ones may wait)
+        assert report["source-vm"] == "retired"
+
     def test_an_owner_without_the_guests_expectations_refuses_and_nothing_runs(
             self, tmp_path, no_leftovers):
         """A served owner that was never told about the guest gives no secret."""

@@ -94,9 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--address", required=True, metavar="URI",
                        help="target: where to listen; source: where to connect "
                             "(tcp:HOST:PORT or unix:PATH)")
-    agent.add_argument("--page-path", choices=("plain", "mh"), default="plain",
+    agent.add_argument("--page-path", choices=("plain", "mh", "psp"), default="plain",
                        help="plain: the agents map guest RAM; mh: the guests' Migration "
-                            "Handlers seal and open the pages (both agents)")
+                            "Handlers seal and open the pages; psp: the machines' PSPs do "
+                            "(both agents)")
     _add_plan_options(agent, _AGENT_LIMITS)
     add_owner_parser(sub)
     return parser

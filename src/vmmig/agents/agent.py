@@ -58,8 +58,9 @@ import attrs
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from vmmig.agents.engine import RoundStats, SourceEngine, run_target
+from vmmig.agents.engine import RoundStats, SourceEngine, SourcePages, run_target
 from vmmig.agents.mh_session import SourceSession, open_mailbox, receive_guest
+from vmmig.agents.psp_pages import PspSourcePages, PspTargetPages
 from vmmig.channel import Channel, FrameKind, connect, listen
 from vmmig.core.precopy import PrecopyLimits
 from vmmig.errors import MigrationFailed, VmmigError
@@ -79,8 +80,9 @@ class AgentOptions:
     :ivar qmp: the machine's QMP socket.
     :ivar address: where the target listens, or where the source connects.
     :ivar limits: the source's precopy limits.
-    :ivar page_path: ``plain`` (the agents map guest RAM) or ``mh`` (the guests'
-        Migration Handlers seal and open the pages).
+    :ivar page_path: ``plain`` (the agents map guest RAM), ``mh`` (the guests'
+        Migration Handlers seal and open the pages) or ``psp`` (the machines' PSPs
+        do, one SEND/RECEIVE_UPDATE_DATA per page).
     """
 
     role: str = attrs.field(validator=attrs.validators.in_(("source", "target")))
@@ -88,7 +90,7 @@ class AgentOptions:
     address: str
     limits: PrecopyLimits | None = None
     page_path: str = attrs.field(default="plain",
-                                 validator=attrs.validators.in_(("plain", "mh")))
+                                 validator=attrs.validators.in_(("plain", "mh", "psp")))
 
 
 class _Control:
@@ -159,7 +161,8 @@ def _target(options: AgentOptions, monitor: QEMUMonitorProtocol, control: _Contr
                 receive_guest(monitor, client, channel, control.emit,
                               lambda: control.expect("commit"))
         else:
-            control.emit("received", pages=run_target(monitor, channel))
+            pages = PspTargetPages(monitor) if options.page_path == "psp" else None
+            control.emit("received", pages=run_target(monitor, channel, pages))
 
 
 def _bound_address(requested: str, name: Any) -> str:  # noqa: ANN401 (a socket address)
@@ -181,10 +184,13 @@ def _source(options: AgentOptions, monitor: QEMUMonitorProtocol, control: _Contr
         control.emit("ready")
         control.expect("migrate")
         session = None
+        pages: SourcePages | None = None
         if options.page_path == "mh":
             session = SourceSession.open(mailbox.enter_context(open_mailbox(monitor)), channel)
-        engine = SourceEngine(monitor, channel, options.limits,
-                              pages=None if session is None else session.pages)
+            pages = session.pages
+        elif options.page_path == "psp":
+            pages = PspSourcePages(monitor)
+        engine = SourceEngine(monitor, channel, options.limits, pages=pages)
         engine.on_round = lambda stats: control.emit("round", **_round_event(stats),
                                                      normal=engine.batcher.normal,
                                                      zero=engine.batcher.zero)
@@ -194,8 +200,8 @@ def _source(options: AgentOptions, monitor: QEMUMonitorProtocol, control: _Contr
             control.emit("converged", reason=last.reason.value)
             control.expect("stop")
             stop_started = time.monotonic()
-            pages = engine.stop_and_copy()
-            control.emit("stopped", pages=pages, seconds=time.monotonic() - stop_started)
+            copied = engine.stop_and_copy()
+            control.emit("stopped", pages=copied, seconds=time.monotonic() - stop_started)
             control.expect("finish")
             result = engine.finish()
             control.emit("sent", normal=result.normal, zero=result.zero,

@@ -20,15 +20,15 @@ import attrs
 from vmmig.agents.process import AgentProcess
 from vmmig.errors import MigrationFailed, PlatformError
 from vmmig.migration import Migration
+from vmmig.platforms.emu.machine_process import EmuMachine
 from vmmig.report import Progress, RamStats, RoundReport
 
 
 if TYPE_CHECKING:
-    from vmmig.platforms.emu.machine_process import EmuMachine
     from vmmig.platforms.emu.platform import EmuPlatform
 
 
-__all__ = ["commit_mh", "prepare_target", "rollback", "seal_mh", "stop_source",
+__all__ = ["commit_mh", "machines", "prepare_target", "rollback", "seal_mh", "stop_source",
            "transfer_cpu_state", "transfer_memory"]
 
 PAGE = 4096
@@ -40,6 +40,14 @@ TARGET_REASON_TIMEOUT = 2.0
 
 def _platform(migration: Migration) -> EmuPlatform:
     return migration.platform  # type: ignore[no-any-return]
+
+
+def machines(migration: Migration) -> tuple[EmuMachine, EmuMachine]:
+    """The migration's source and target machines."""
+    source, target = migration.source, migration.target
+    assert isinstance(source, EmuMachine)
+    assert isinstance(target, EmuMachine)
+    return source, target
 
 
 def _agent(migration: Migration, role: str) -> AgentProcess:

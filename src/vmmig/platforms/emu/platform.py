@@ -24,6 +24,8 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import attrs
+
 from vmmig.agents.process import AgentProcess
 from vmmig.config import MigrationPlan
 from vmmig.owner import GuestOwner, OwnerClient, TrustAnchor, expected_launch_for
@@ -104,7 +106,8 @@ class EmuPlatform:
                               workload=plan.workload, incoming=incoming,
                               mh_queues=plan.mh_queues, psp_latency=plan.psp_latency,
                               psp_rate=plan.psp_rate,
-                              mh_target=incoming and self.launcher is not None)
+                              mh_target=incoming and self.launcher is not None
+                              and plan.strategy == "mh")
 
     async def _launch(self, spec: EmuMachineSpec) -> EmuMachine:
         return await self.fleet.launch(spec.name,
@@ -136,13 +139,18 @@ class EmuPlatform:
     async def launch_target(self) -> EmuMachine:
         """Start a target waiting for the guest's state (``--incoming``).
 
-        An encrypted guest's target is a Migration Handler target on the
-        other host, attested by the owner like the source.
+        An encrypted guest's target is on the other host: a Migration
+        Handler target attested by the owner like the source, or, for the
+        PSP strategy, a machine with no guest context until RECEIVE_START.
         """
         spec = self._spec("target", incoming=True)
-        if self.launcher is not None:
+        if self.launcher is None:
+            return await self._launch(spec)
+        if spec.mh_target:
             return await self._attested("target", spec, self.launcher.hosts.target)
-        return await self._launch(spec)
+        hosts = self.launcher.hosts
+        return await self._launch(attrs.evolve(spec, host_dir=hosts.target,
+                                               amd_root=hosts.root))
 
     def incoming_address(self) -> str:
         """Where the target agent listens: the plan's transport, an ephemeral port or socket."""

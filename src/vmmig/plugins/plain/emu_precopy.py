@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 
 from vmmig.agents.orchestrator import (
+    machines,
     prepare_target,
     rollback,
     stop_source,
@@ -22,7 +23,6 @@ from vmmig.errors import IntegrityError
 from vmmig.guests.emu.regs_check import check_regs_chain, regs_checkpoints
 from vmmig.integrity import compare_ram_files
 from vmmig.migration import Migration
-from vmmig.platforms.emu.machine_process import EmuMachine
 from vmmig.workloads import check_workload, wait_guest_progress
 
 
@@ -30,16 +30,9 @@ __all__ = ["finalize", "prepare_target", "rollback", "stop_source", "transfer_cp
            "transfer_memory", "verify"]
 
 
-def _machines(migration: Migration) -> tuple[EmuMachine, EmuMachine]:
-    source, target = migration.source, migration.target
-    assert isinstance(source, EmuMachine)
-    assert isinstance(target, EmuMachine)
-    return source, target
-
-
 async def verify(migration: Migration) -> None:
     """Compare both stopped guests' RAM byte for byte, then the workload's own rule."""
-    source, target = _machines(migration)
+    source, target = machines(migration)
     for machine in (source, target):
         if await machine.status() == "running":
             raise IntegrityError(f"{machine.name}: guest is running during verification")
@@ -57,7 +50,7 @@ async def finalize(migration: Migration) -> None:
     For ``regs`` the target is paused once more after it ran, to check that
     the checkpoints it wrote since the migration continue the chain.
     """
-    source, target = _machines(migration)
+    source, target = machines(migration)
     migration.commit()
     await target.cont()
     with target.map_ram() as ram:

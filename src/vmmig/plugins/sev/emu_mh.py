@@ -13,23 +13,24 @@ read and set, so they move as for ``plain`` and are compared directly.
 from __future__ import annotations
 
 from vmmig.agents import orchestrator
-from vmmig.agents.orchestrator import commit_mh, rollback, seal_mh, stop_source, transfer_memory
+from vmmig.agents.orchestrator import (
+    commit_mh,
+    machines,
+    rollback,
+    seal_mh,
+    stop_source,
+    transfer_memory,
+)
 from vmmig.errors import PlatformError
 from vmmig.migration import Migration
 from vmmig.platforms.emu.guest_activity import wait_guest_writes
 from vmmig.platforms.emu.machine_process import EmuMachine
 from vmmig.platforms.emu.platform import EmuPlatform
+from vmmig.plugins.sev.registers import compare_registers
 
 
 __all__ = ["finalize", "prepare_target", "rollback", "start_helper", "stop_source",
            "transfer_cpu_state", "transfer_memory", "verify"]
-
-
-def _machines(migration: Migration) -> tuple[EmuMachine, EmuMachine]:
-    source, target = migration.source, migration.target
-    assert isinstance(source, EmuMachine)
-    assert isinstance(target, EmuMachine)
-    return source, target
 
 
 async def prepare_target(migration: Migration) -> None:
@@ -53,7 +54,7 @@ async def _start_mh(machine: EmuMachine) -> None:
 
 async def start_helper(migration: Migration) -> None:
     """Start the helper vCPUs on which both MHs run."""
-    for machine in _machines(migration):
+    for machine in machines(migration):
         await _start_mh(machine)
 
 
@@ -64,19 +65,13 @@ async def transfer_cpu_state(migration: Migration) -> None:
 
 async def verify(migration: Migration) -> None:
     """The MHs compare memory (sealed manifest); the host compares the registers it moved."""
-    source, target = _machines(migration)
     await seal_mh(migration)
-    moved = await source.execute("x-vcpu-state-export")
-    held = await target.execute("x-vcpu-state-export")
-    same = moved == held
-    detail = (f"registers of all {len(moved)} vCPUs equal on both sides" if same
-              else "the target's registers differ from the source's")
-    migration.record_check("vcpu-state", detail, ok=same)
+    await compare_registers(migration)
 
 
 async def finalize(migration: Migration) -> None:
     """The target's MH commits, the target resumes and runs; the retired source ends."""
-    source, target = _machines(migration)
+    source, target = machines(migration)
     await commit_mh(migration)
     await target.cont()
     ok, detail = await wait_guest_writes(target, migration.plan.workload)
