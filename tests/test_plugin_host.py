@@ -113,10 +113,10 @@ class TestSelection:
         with pytest.raises(UnsupportedError, match="not implemented yet"):
             PluginHost(entry_points=False).select("sev-es", "emu")
 
-    def test_sev_refuses_an_option_it_lacks_before_any_vm_starts(self):
-        """The PSP strategy is not wired in yet: asking for it is refused up front."""
-        with pytest.raises(UnsupportedError, match="psp-strategy"):
-            PluginHost(entry_points=False).select("sev", "emu", ["psp-strategy"])
+    def test_an_sev_option_asked_of_plain_is_refused_before_any_vm_starts(self):
+        """plain has no PSP strategy and no MH queues: asking is an error, not ignored."""
+        with pytest.raises(UnsupportedError, match="psp-strategy, mh-queues"):
+            PluginHost(entry_points=False).select("plain", "emu", ["psp-strategy", "mh-queues"])
 
     def test_two_plugins_claiming_one_technology_are_refused(self):
         """Two providers of one technology name are an error naming both plugins."""
