@@ -23,6 +23,7 @@ from sev_support import Owner, machine_process, qmp
 from vmmig.errors import ConfigError
 from vmmig.firmware.abi import (
     ABI_VERSION,
+    HEADER_SIZE,
     PAGE_SIZE,
     Command,
     HelloReply,
@@ -34,6 +35,7 @@ from vmmig.firmware.abi import (
     pack_export_request,
 )
 from vmmig.firmware.image import FIRMWARE_GPA, builtin_image
+from vmmig.firmware.records import page_record_size
 from vmmig.guests.ab_check import ab_passes, ab_region, check_ab
 from vmmig.owner import (
     AttestationError,
@@ -46,6 +48,7 @@ from vmmig.owner import (
     launch_files,
 )
 from vmmig.platforms.emu.machine import Machine, MachineConfig
+from vmmig.platforms.emu.mh_layout import MhReservation
 from vmmig.platforms.emu.qmp_schema import QmpCommandError
 
 
@@ -324,3 +327,15 @@ def test_a_target_with_a_modified_firmware_image_gets_no_secret(tmp_path, hosts,
                 await client.execute("x-mh-start")
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("memory", "batch"), [(32 * MIB, 512), (511 * MIB, 512),
+                                                (512 * MIB, 1024), (4096 * MIB, 1024)])
+def test_large_guests_get_larger_records_and_the_mailbox_fits_them(memory, batch):
+    """From 512 MiB of RAM on, a record holds 1024 pages; the slots fit a full reply."""
+    reservation = MhReservation(memory)
+    layout = reservation.layout
+    assert layout.max_batch_pages == batch
+    assert layout.slot_capacity >= HEADER_SIZE + page_record_size(batch)
+    assert reservation.reserved_size >= layout.region_size
+    assert reservation.mailbox_gpa % (2 * MIB) == 0

@@ -37,12 +37,14 @@ from vmmig.guests.emu import DATA_START
 from vmmig.platforms.emu.sev_launch import LAUNCH_IMAGE, SECRET_AREA
 
 
-__all__ = ["MAILBOX_ALIGN", "MAX_MH_QUEUES", "MhReservation", "load_firmware"]
+__all__ = ["LARGE_GUEST", "MAILBOX_ALIGN", "MAX_MH_QUEUES", "MhReservation", "load_firmware"]
 
 #: The reservation starts on a guest large-page boundary.
 MAILBOX_ALIGN: Final = 2 << 20
 #: The most mailbox queues (helper vCPUs) ``--mh-queues`` takes.
 MAX_MH_QUEUES: Final = 4
+#: Guests from this much RAM on get the larger records.
+LARGE_GUEST: Final = 512 << 20
 #: Least room the workload keeps above 1 MiB.
 _MIN_DATA: Final = 1 << 20
 
@@ -73,9 +75,16 @@ class MhReservation:
                               f"for {self.queue_count} queue(s))")
 
     @property
+    def max_batch_pages(self) -> int:
+        """Pages per record: 1024 from :data:`LARGE_GUEST` of RAM on (a record's fixed
+        costs, mailbox round trips and wake-ups, matter: 1 GiB moves ~20 % faster than
+        with 512, benchmarks/sev_vs_plain.py), else 512 (the mailbox stays small)."""
+        return 1024 if self.ram_size >= LARGE_GUEST else 512
+
+    @property
     def layout(self) -> MailboxLayout:
         """The mailbox region's layout (ABI §1)."""
-        return MailboxLayout(queue_count=self.queue_count)
+        return MailboxLayout(queue_count=self.queue_count, max_batch_pages=self.max_batch_pages)
 
     @property
     def mailbox_gpa(self) -> int:
