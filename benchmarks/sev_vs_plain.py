@@ -28,7 +28,7 @@ def variant_options(name: str, args: argparse.Namespace) -> list[str]:
     common = ["--platform", "emu", "--memory", args.memory, "--workload", "fill"]
     if name == "plain":
         return ["--tech", "plain", *common]
-    mh = ["--mh-queues", str(args.mh_queues)] if args.mh_queues > 1 else []
+    mh = ["--mh-queues", str(args.mh_queues)]
     if name == "sev":
         return ["--tech", "sev", *common, *mh]
     return ["--tech", "sev", "--strategy", "psp", "--psp-latency", str(args.psp_latency),
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=5)
     parser.add_argument("--variants", nargs="+", default=["plain", "sev"],
                         choices=["plain", "sev", "sev-psp"])
-    parser.add_argument("--mh-queues", type=int, default=1)
+    parser.add_argument("--mh-queues", type=int, default=2)
     parser.add_argument("--psp-latency", type=float, default=15.0, help="microseconds")
     parser.add_argument("--psp-rate", default="50M", help="bytes per second")
     args = parser.parse_args()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vmmig.config import MigrationPlan, load_plan, parse_size
+from vmmig.config import MigrationPlan, load_plan, parse_size, requested_features
 from vmmig.errors import ConfigError
 
 
@@ -89,3 +89,16 @@ class TestErrors:
         """A missing plan file is named."""
         with pytest.raises(ConfigError, match="cannot read the plan"):
             load_plan(tmp_path / "nope.toml")
+
+
+class TestRequestedFeatures:
+    def test_a_default_plan_asks_for_no_optional_feature(self):
+        """Defaults (two MH queues, the MH strategy included) ask nothing of plain."""
+        assert requested_features(load_plan()) == ()
+
+    @pytest.mark.parametrize(("option", "value", "feature"), [
+        ("auto-converge", "true", "auto-converge"), ("bandwidth", "100", "bandwidth"),
+        ("multifd-channels", "2", "multifd"), ("strategy", "psp", "psp-strategy"),
+        ("mh-queues", "1", "mh-queues"), ("mh-queues", "4", "mh-queues")])
+    def test_an_option_off_its_default_asks_for_its_feature(self, option, value, feature):
+        assert requested_features(load_plan(None, {option: value})) == (feature,)
