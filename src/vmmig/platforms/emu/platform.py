@@ -104,7 +104,8 @@ class EmuPlatform:
         plan = self.plan
         return EmuMachineSpec(name=name, memory=plan.memory, vcpus=plan.vcpus, tech=plan.tech,
                               workload=plan.workload, incoming=incoming,
-                              mh_queues=plan.mh_queues, psp_latency=plan.psp_latency,
+                              mh_queues=plan.mh_queues if self.launcher is not None else 1,
+                              psp_latency=plan.psp_latency,
                               psp_rate=plan.psp_rate,
                               mh_target=incoming and self.launcher is not None
                               and plan.strategy == "mh")
