@@ -77,6 +77,9 @@ class TestLiveMigration:
         assert checks["vcpu-state"] == "registers of all 1 vCPUs equal on both sides"
         assert checks["source-retired"] == "the target's receipt retired the source's MH"
         assert checks["guest-running"].startswith("guest running, writing its memory")
+        if workload == "ab":
+            assert checks["a-b"] == ("the guest's own check passed on every page, 2 passes "
+                                     "after resume")
         assert report["ram"]["duplicate"] == 0, "the host learnt which pages are zero"
         assert report["ram"]["transferred"] >= 15 << 20
         assert "attestation" in result.stdout

@@ -6,7 +6,8 @@ Two 512-byte boot sectors, booted by SeaBIOS from a raw IDE disk:
     QEMU's migration-test "a-b" guest: enters 64-bit long mode (paging on,
     identity map of 0..4 GiB), prints ``A`` on COM1, then increments byte 0
     of every 4 KiB page from 1 MiB to the end of RAM below 4 GiB, page after
-    page, forever, printing ``B`` every 64 passes.  It publishes the region
+    page, forever, printing ``B`` every 64 passes (the emulated platform's
+    ``ab64.S`` prints one a pass and checks the rule itself).  It publishes the region
     it dirties at physical 0x500 (see :mod:`vmmig.guests.ab_check`), and
     :func:`check_ab` verifies its memory after a migration.
 ``idle``

@@ -11,9 +11,14 @@
 #   0x50c  u32  passes to make before halting, 0 for ever (host)
 #
 # It prints 'A' on COM1, zeroes byte 0 of every 4 KiB page of the region,
-# then increments them page after page forever, printing 'B' every 64
-# passes.  At any instant byte 0 of the pages reads X+1 ... X+1, X ... X:
-# at most one "edge", where the incrementer is.
+# then increments them page after page forever, printing 'B' after each
+# pass.  At any instant byte 0 of the pages reads X+1 ... X+1, X ... X:
+# at most one "edge", where the incrementer is.  The guest checks the rule
+# itself too: before it increments a page's byte, the byte must hold the
+# passes completed so far (mod 256); if not, it prints 'X' and halts.  So a
+# host that cannot read the guest's memory (SEV) still learns, from the
+# console, that a full pass after a migration found every page as it
+# should be.
 #
 # Position-independent: it may be loaded anywhere below 1 MiB.
 
@@ -42,7 +47,10 @@ _start:
         # Dirty forever, one byte per page, in address order.
 pass:
         mov     %r8, %rdi
-2:      incb    (%rdi)
+        mov     INFO + 8, %r10d         # %r10b: what every byte holds before this pass
+2:      cmpb    %r10b, (%rdi)
+        jne     broken
+        incb    (%rdi)
         add     $PAGE, %rdi
         cmp     %r9, %rdi
         jb      2b
@@ -52,12 +60,12 @@ pass:
         jz      3f
         cmp     %eax, INFO + 8
         jae     rest
-3:      testb   $63, INFO + 8
-        jnz     pass
-        mov     $'B', %al
+3:      mov     $'B', %al
         call    putc
         jmp     pass
 
+broken: mov     $'X', %al
+        call    putc
 rest:   hlt
         jmp     rest
 

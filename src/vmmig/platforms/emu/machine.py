@@ -23,6 +23,11 @@ QEMU, only through its QMP socket.  QEMU's command names where QEMU has one
 ``x-vcpu-state-export`` / ``x-vcpu-state-import``
     Every vCPU's VMSA page (base64), for technologies whose registers the
     hypervisor may read and set (plain, SEV).  Refused for SEV-ES.
+``x-query-console``
+    What the guest printed on its serial port (COM1), which is the host's to
+    read on real hardware too: ``{"counts": {char: times}, "tail": last
+    characters}``.  Our guests print progress marks there (ab: ``B`` per
+    pass, ``X`` when its own check of the a-b rule fails).
 ``x-memory-read`` / ``x-memory-write``
     Guest memory as the hypervisor reads and writes it (``gpa``, ``size`` or
     base64 ``data``; at most :data:`MAX_HOST_ACCESS` bytes a call): plaintext
@@ -294,6 +299,7 @@ class Machine:
             ("x-dirty-log-stop", self.dirty_log_stop), ("x-cpu-throttle", self.cpu_throttle),
             ("x-vcpu-state-export", self.vcpu_state_export),
             ("x-vcpu-state-import", self.vcpu_state_import),
+            ("x-query-console", self.query_console),
         ):
             self.commands.add(name, handler)
         self.commands.add("x-memory-read", self.memory_read)
@@ -319,6 +325,10 @@ class Machine:
             self.status = "inmigrate" if config.mh_target else "prelaunch"
 
     # -- run state ---------------------------------------------------------------
+
+    def query_console(self) -> dict[str, object]:
+        """``x-query-console``: the serial output's character counts and its last 256."""
+        return {"counts": self.console.counts(), "tail": self.console.text[-256:]}
 
     def query_status(self) -> dict[str, object]:
         """QEMU's ``query-status``."""

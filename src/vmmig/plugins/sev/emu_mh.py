@@ -8,6 +8,8 @@ cannot compare memory: the MHs do (the sealed manifest carries every
 page's final version and a digest of guest RAM, checked by the target MH
 before it may commit).  An SEV guest's registers are the hypervisor's to
 read and set, so they move as for ``plain`` and are compared directly.
+After the resume the host sees the guest write (its dirty log) and, for
+``ab``, the guest's own check of the a-b rule pass on its console.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from vmmig.agents.orchestrator import (
 )
 from vmmig.errors import PlatformError
 from vmmig.migration import Migration
-from vmmig.platforms.emu.guest_activity import wait_guest_writes
+from vmmig.platforms.emu.guest_activity import wait_ab_passes, wait_guest_writes
 from vmmig.platforms.emu.machine_process import EmuMachine
 from vmmig.platforms.emu.platform import EmuPlatform
 from vmmig.plugins.sev.registers import compare_registers
@@ -76,4 +78,7 @@ async def finalize(migration: Migration) -> None:
     await target.cont()
     ok, detail = await wait_guest_writes(target, migration.plan.workload)
     migration.record_check("guest-running", detail, ok=ok)
+    if ok and migration.plan.workload == "ab":
+        ok, detail = await wait_ab_passes(target)
+        migration.record_check("a-b", detail, ok=ok)
     await source.shutdown()
