@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -258,3 +259,31 @@ class TestConfidentiality:
         expected = tech == "plain"
         assert found == {"channel": expected, "source agent": expected,
                          "target agent": expected}
+
+
+def kill(role):
+    """A progress action that SIGKILLs the machine or agent of ``role``."""
+    def act(migration, _progress):
+        process = {"target machine": migration.target,
+                   "source agent": migration.scratch.get("source-agent"),
+                   "target agent": migration.scratch.get("target-agent")}[role]
+        os.kill(process.pid, signal.SIGKILL)
+    return act
+
+
+class TestFaults:
+    @pytest.mark.parametrize("role", ["target machine", "target agent", "source agent"])
+    def test_a_killed_process_leaves_the_source_running_with_its_mh_idle(
+            self, tmp_path, role, no_leftovers):
+        """Killed mid-transfer: rolled back; the source guest runs on, and its MH has no
+        session left (a later migration may start)."""
+        after: dict[str, object] = {}
+        report, source = migrate_in_process(
+            sev_plan(tmp_path, workload="ab", memory="128M", **{"downtime-limit": 1}),
+            SourceWatch(on_progress=kill(role)), after=after)
+        assert report.status == "failed"
+        assert report.extra["phase-history"][-2:] == ["failing", "rolled-back"]
+        assert report.source == "running"
+        assert source is not None
+        assert source[0], source
+        assert after["source-mh"]["role"] is None, after["source-mh"]

@@ -91,22 +91,27 @@ class FakeMh:
                 "role": None}
 
     def _serve(self) -> None:
-        try:
-            conn, _ = self._listener.accept()
-        except OSError:
-            return
-        self._conn = conn
-        with conn:
-            while True:
-                try:
-                    if not conn.recv(64):
-                        return
-                    if self.stalled.is_set():
-                        continue
-                    for queue in self._service():
-                        conn.send(bytes([queue]))
-                except OSError:
+        """One host connection at a time, as the machine's MH: the next after a hang-up."""
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self._conn = conn
+            with conn:
+                self._serve_host(conn)
+
+    def _serve_host(self, conn: socket.socket) -> None:
+        while True:
+            try:
+                if not conn.recv(64):
                     return
+                if self.stalled.is_set():
+                    continue
+                for queue in self._service():
+                    conn.send(bytes([queue]))
+            except OSError:
+                return
 
     def _service(self) -> list[int]:
         region, layout = self._region, self.layout

@@ -75,6 +75,19 @@ class TestRoundTrips:
             client.wait(first)
             assert client.reserve(0).seq == 3
 
+    def test_a_new_client_carries_on_where_a_gone_one_left(self, make_mh):
+        """An agent died with requests posted (one answered, one not read): the next
+        client waits for the MH to finish them and numbers its own requests after."""
+        mh = make_mh()
+        client = connect(mh)
+        client.ask(Command.HELLO, HELLO)
+        client.submit(Command.HELLO, HELLO)  # posted, its answer never read
+        client.close()
+        with connect(mh) as successor:
+            reply = HelloReply.unpack(successor.ask(Command.HELLO, HELLO))
+        assert reply.abi_version == ABI_VERSION
+        assert mh.answered[0] == 3
+
     def test_spurious_interrupts_are_tolerated(self, make_mh):
         mh = make_mh()
         with connect(mh) as client:

@@ -137,6 +137,19 @@ class MailboxClient:
         self._irq = irq
         self._queues = [_Queue() for _ in range(self.layout.queue_count)]
         self._next_queue = 0
+        for queue in range(self.layout.queue_count):
+            self._resync(queue)
+
+    def _resync(self, queue: int) -> None:
+        """Carry on from the doorbell an earlier client left (an agent that died, then the
+        orchestrator aborting its session): wait for the MH to answer what it posted."""
+        doorbell = int(self._words[self._descriptor(queue) // 8])
+        state = self._queues[queue]
+        state.reserved = state.posted = doorbell
+        if self._completion(queue) < doorbell:
+            with contextlib.suppress(OSError):
+                self._irq.send(bytes([queue]))
+            self._await_completion(Ticket(queue, doorbell, memoryview(b"")), Command.HELLO)
 
     @classmethod
     def connect(cls, shared_path: str | Path, gpa: int, size: int, irq_path: str | Path, *,

@@ -52,7 +52,7 @@ from vmmig.firmware.abi import (
 from vmmig.firmware.states import MhState
 
 
-__all__ = ["Emit", "SourceSession", "open_mailbox", "receive_guest"]
+__all__ = ["Emit", "SourceSession", "abort_mh", "open_mailbox", "receive_guest"]
 
 #: What the host needs from an MH (CPU_STATE is not: v1 migrates SEV, not SEV-ES).
 REQUIRED: Final = Capability.BATCH | Capability.RECEIPTS
@@ -134,7 +134,7 @@ class _PeerAborted(MigrationFailed):
         self.token = token
 
 
-def _abort_mh(client: MailboxClient, token: bytes = b"") -> str | None:
+def abort_mh(client: MailboxClient, token: bytes = b"") -> str | None:
     """ABORT the MH; returns why it refused, or None if it dropped its session."""
     try:
         client.ask(Command.ABORT, token)
@@ -184,7 +184,7 @@ class SourceSession:
         try:
             peer = _source_handshake(client, channel, hello)
         except BaseException:
-            _abort_mh(client)
+            abort_mh(client)
             raise
         pages = MhSourcePages(client, batch_pages=min(hello.max_batch_pages,
                                                       _int(peer, "max-batch")),
@@ -228,7 +228,7 @@ class SourceSession:
             self.pages.drain()
         except VmmigError as stuck:
             return f"{reason}; the source's MH could not abort ({stuck})"
-        refused = _abort_mh(self.client, token)
+        refused = abort_mh(self.client, token)
         if refused is not None:
             return f"{reason}; the source's MH could not abort ({refused})"
         return reason

@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from vmmig.platforms.emu.platform import EmuPlatform
 
 
-__all__ = ["commit_mh", "machines", "prepare_target", "rollback", "seal_mh", "stop_source",
-           "transfer_cpu_state", "transfer_memory"]
+__all__ = ["commit_mh", "end_transfer", "machines", "prepare_target", "resume_source",
+           "rollback", "seal_mh", "stop_source", "transfer_cpu_state", "transfer_memory"]
 
 PAGE = 4096
 #: Bound on steps that involve no bulk transfer (an agent starting, a state exchange).
@@ -217,6 +217,12 @@ async def _close_agents(migration: Migration) -> None:
 
 async def rollback(migration: Migration, reason: str) -> None:
     """End the agents and the target; make sure the source guest runs, unthrottled."""
+    await end_transfer(migration, reason)
+    await resume_source(migration)
+
+
+async def end_transfer(migration: Migration, reason: str) -> None:
+    """Rollback's first half: the agents and the target machine ended."""
     migration.log.info("rolling back: %s", reason)
     # The source, told to stop, tells the target; but a sealed source waits on the
     # target, whose MH must abort first to hand it its abort token.
@@ -226,6 +232,13 @@ async def rollback(migration: Migration, reason: str) -> None:
             await agent.close()
     if migration.target is not None:
         await migration.target.shutdown()
+
+
+async def resume_source(migration: Migration) -> None:
+    """Rollback's second half: the source's dirty log and throttle off, its guest running.
+
+    :raises MigrationFailed: the source machine is gone.
+    """
     source: EmuMachine = migration.source
     if source.exited:
         raise MigrationFailed(f"the source machine is gone ({source.returncode}); "

@@ -14,16 +14,21 @@ After the resume the host sees the guest write (its dirty log) and, for
 
 from __future__ import annotations
 
+import asyncio
+
 from vmmig.agents import orchestrator
+from vmmig.agents.mh_mailbox import MailboxClient
+from vmmig.agents.mh_session import abort_mh
 from vmmig.agents.orchestrator import (
     commit_mh,
+    end_transfer,
     machines,
-    rollback,
+    resume_source,
     seal_mh,
     stop_source,
     transfer_memory,
 )
-from vmmig.errors import PlatformError
+from vmmig.errors import MigrationFailed, PlatformError
 from vmmig.migration import Migration
 from vmmig.platforms.emu.guest_activity import wait_ab_passes, wait_guest_writes
 from vmmig.platforms.emu.machine_process import EmuMachine
@@ -82,3 +87,34 @@ async def finalize(migration: Migration) -> None:
         ok, detail = await wait_ab_passes(target)
         migration.record_check("a-b", detail, ok=ok)
     await source.shutdown()
+
+
+async def rollback(migration: Migration, reason: str) -> None:
+    """Before the commit: target and agents ended, the source MH's session dropped (its
+    agent may have died holding it), the source resumed."""
+    await end_transfer(migration, reason)
+    source = machines(migration)[0]
+    if not source.exited:
+        await _drop_session(source)
+    await resume_source(migration)
+
+
+async def _drop_session(source: EmuMachine) -> None:
+    """ABORT a session the source's MH still holds, through its mailbox, as an agent would.
+
+    :raises MigrationFailed: the MH refused (sealed, with no abort token): the source
+        must not resume.
+    """
+    info = await source.execute("x-query-mh")
+    if info["role"] is None or info["state"] != "running":
+        return
+
+    def abort() -> str | None:
+        with MailboxClient.connect(info["shared-path"], int(info["mailbox-gpa"]),
+                                   int(info["mailbox-size"]), info["irq-path"]) as client:
+            return abort_mh(client)
+
+    refused = await asyncio.to_thread(abort)
+    if refused is not None:
+        raise MigrationFailed(f"the source's MH keeps its session ({refused}): the source "
+                              "must not resume")
