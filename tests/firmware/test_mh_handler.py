@@ -302,9 +302,3 @@ class TestRefusals:
         assert source.call(Command.EXPORT_PAGES, pack_export_request(gpas)).status is status
         for record in [*records, source.export([0])]:
             assert target.import_status(record) is Status.OK
-
-    def test_cpu_state_is_unsupported(self, small):
-        """The SEV-ES frames are reserved: UNSUPPORTED, nothing changes."""
-        _, source, _, _ = small
-        assert source.call(Command.EXPORT_CPU_STATE, bytes(8)).status is Status.UNSUPPORTED
-        assert source.mh.state is MhState.SOURCE_OPEN

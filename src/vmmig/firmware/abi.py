@@ -44,6 +44,7 @@ __all__ = [
     "Response",
     "Role",
     "Status",
+    "VcpuIndex",
     "pack_export_request",
     "pack_request",
     "unpack_export_request",
@@ -78,6 +79,7 @@ _HELLO_REP = struct.Struct("<IIQIIQ")  # abi, max batch, caps, state, role, ram 
 _OPEN_REQ = struct.Struct(f"<II{NONCE_SIZE}s")  # role, reserved, peer nonce
 _OPEN_REP = struct.Struct(f"<{NONCE_SIZE}s32s")  # own nonce, session id
 _EXPORT_REQ = struct.Struct("<II")  # count, reserved; then count x u64 GPA
+_VCPU = struct.Struct("<II")  # vCPU index, reserved
 
 
 class Command(enum.IntEnum):
@@ -91,9 +93,9 @@ class Command(enum.IntEnum):
     EXPORT_PAGES = 0x10
     #: Target: one sealed page record in.
     IMPORT_PAGES = 0x11
-    #: Source, SEV-ES: one vCPU's VMSA sealed (reserved, see the ABI doc).
+    #: Source, SEV-ES: a vCPU index in, that vCPU's sealed state (VMSA) out.
     EXPORT_CPU_STATE = 0x20
-    #: Target, SEV-ES: one sealed VMSA in (reserved).
+    #: Target, SEV-ES: one sealed vCPU state in, staged until COMMIT.
     IMPORT_CPU_STATE = 0x21
     #: Source: produce the sealed manifest; target: verify it.
     MANIFEST = 0x30
@@ -122,9 +124,9 @@ class Status(enum.IntEnum):
     TOO_LARGE = 6
     #: The command needs an open session and there is none.
     NO_SESSION = 7
-    #: Command, role or ABI version this MH does not implement.
+    #: Command, role or ABI version this MH does not implement (CPU state without vCPUs).
     UNSUPPORTED = 8
-    #: Manifest disagrees with what the target holds (``detail`` says what).
+    #: Manifest or CPU state disagrees with what the target holds (``detail`` says what).
     MISMATCH = 9
     #: A bug in the MH; the session is failed.
     INTERNAL_ERROR = 10
@@ -145,7 +147,7 @@ class Capability(enum.IntFlag):
     BATCH = 1 << 0
     #: Page records carry the encrypted zero-page bitmap.
     ZERO_BITMAP = 1 << 1
-    #: EXPORT/IMPORT_CPU_STATE are implemented (SEV-ES).
+    #: EXPORT/IMPORT_CPU_STATE are implemented: the MH holds the guest's vCPUs (SEV-ES).
     CPU_STATE = 1 << 2
     #: COMMIT exchanges a sealed receipt; ABORT after MANIFEST needs a token.
     RECEIPTS = 1 << 3
@@ -321,6 +323,23 @@ class OpenSessionReply:
         """Parse a reply payload."""
         nonce, session = _OPEN_REP.unpack(payload)
         return cls(nonce, session)
+
+
+@attrs.frozen
+class VcpuIndex:
+    """EXPORT_CPU_STATE's request and IMPORT_CPU_STATE's reply: which vCPU."""
+
+    vcpu_index: int
+
+    def pack(self) -> bytes:
+        """Payload bytes."""
+        return _VCPU.pack(self.vcpu_index, 0)
+
+    @classmethod
+    def unpack(cls, payload: bytes | memoryview) -> VcpuIndex:
+        """Parse a payload; Refusal if malformed (the range is the handler's to check)."""
+        index, _ = _exact(payload, _VCPU, "CPU state")
+        return cls(int(index))
 
 
 def pack_export_request(gpas: npt.ArrayLike) -> bytes:

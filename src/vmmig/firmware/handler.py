@@ -19,6 +19,13 @@ authenticated data was involved and nothing changed.
 Which roles an MH may play is a launch-time fact (``roles``): the running
 source guest must never accept the target role, or a host could import an
 old stream of the same guest into it.
+
+An SEV-ES guest's MH is given its vCPUs (``cpus``): it then moves their
+states too (:mod:`vmmig.firmware.cpus`).  The source seals a manifest only
+once every vCPU's state is in the stream; the target verifies a manifest
+only if it counts every one of its vCPUs, and restores them at COMMIT.
+Without ``cpus`` (SEV: the hypervisor moves the registers) the CPU-state
+commands are UNSUPPORTED and the manifest's CPU fields stay zero.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ from vmmig.firmware.abi import (
     Role,
     Status,
 )
+from vmmig.firmware.cpus import CPU_BODY_SIZE, GuestCpus, pack_cpu_body, unpack_cpu_body
+from vmmig.firmware.envelope import RecordKind
 from vmmig.firmware.keys import SessionKeys, derive_session_keys
 from vmmig.firmware.records import RecordOpener, RecordSealer, page_record_size
 from vmmig.firmware.states import SESSION_STATES, MhEvent, MhState, next_state, role_of
@@ -52,16 +61,20 @@ __all__ = ["CAPABILITIES", "MigrationHandler"]
 
 _log = logging.getLogger(__name__)
 
-#: What this MH implements (no CPU_STATE yet).
+#: What every MH implements; one given the guest's vCPUs adds CPU_STATE.
 CAPABILITIES = Capability.BATCH | Capability.ZERO_BITMAP | Capability.RECEIPTS
+_CPU_COMMANDS = frozenset({Command.EXPORT_CPU_STATE, Command.IMPORT_CPU_STATE})
 _IMPORT_REPLY = struct.Struct("<QI4x")
 _POISON = frozenset(
     {Status.AUTH_FAILED, Status.REPLAY, Status.OUT_OF_ORDER, Status.MISMATCH, Status.INTERNAL_ERROR}
 )
 _ECHO = struct.Struct("<I4xQ")
-_NEEDS_SESSION = frozenset(
-    {Command.EXPORT_PAGES, Command.IMPORT_PAGES, Command.MANIFEST, Command.COMMIT}
-)
+_NEEDS_SESSION = _CPU_COMMANDS | {
+    Command.EXPORT_PAGES,
+    Command.IMPORT_PAGES,
+    Command.MANIFEST,
+    Command.COMMIT,
+}
 
 
 @attrs.frozen
@@ -84,6 +97,7 @@ class MigrationHandler:
     :param max_batch_pages: most pages one EXPORT/IMPORT carries.
     :param roles: roles this MH may take (a launch-time, measured choice).
     :param random: source of nonces (``os.urandom``; tests pin it).
+    :param cpus: the guest's vCPUs, for an SEV-ES guest (None: SEV, no CPU state).
     """
 
     memory: npt.NDArray[np.uint8]
@@ -91,6 +105,7 @@ class MigrationHandler:
     max_batch_pages: int = 512
     roles: frozenset[Role] = frozenset({Role.SOURCE, Role.TARGET})
     random: Callable[[int], bytes] = attrs.field(default=os.urandom, repr=False)
+    cpus: GuestCpus | None = attrs.field(default=None, repr=False)
     state: MhState = attrs.field(init=False, default=MhState.IDLE)
     _role: Role = attrs.field(init=False, default=Role.NONE)
     _own_nonce: bytes | None = attrs.field(init=False, default=None, repr=False)
@@ -98,6 +113,8 @@ class MigrationHandler:
     _sealer: RecordSealer | None = attrs.field(init=False, default=None, repr=False)
     _opener: RecordOpener | None = attrs.field(init=False, default=None, repr=False)
     _manifest: manifest.Manifest | None = attrs.field(init=False, default=None, repr=False)
+    #: vCPU index -> state: exported (source) or staged until COMMIT (target).
+    _cpu_states: dict[int, bytes] = attrs.field(init=False, factory=dict, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if self.memory.ndim != 2 or self.memory.shape[1] != abi.PAGE_SIZE:
@@ -141,8 +158,8 @@ class MigrationHandler:
 
     def _dispatch(self, request: abi.Request, out: memoryview) -> _Reply:
         command = request.command
-        if command in (Command.EXPORT_CPU_STATE, Command.IMPORT_CPU_STATE):
-            raise Refusal(Status.UNSUPPORTED, "CPU state transfer (SEV-ES) is not implemented")
+        if command in _CPU_COMMANDS and self.cpus is None:
+            raise Refusal(Status.UNSUPPORTED, "CPU state transfer needs the vCPUs (SEV-ES)")
         if command in _NEEDS_SESSION and self.state not in SESSION_STATES:
             raise Refusal(Status.NO_SESSION, f"{command.name} needs an open session")
         methods: dict[Command, Callable[[bytes | memoryview], _Reply]] = {
@@ -151,6 +168,8 @@ class MigrationHandler:
             Command.ABORT: self._abort,
             Command.EXPORT_PAGES: lambda payload: self._export(payload, out),
             Command.IMPORT_PAGES: self._import,
+            Command.EXPORT_CPU_STATE: lambda payload: self._export_cpu(payload, out),
+            Command.IMPORT_CPU_STATE: self._import_cpu,
             Command.MANIFEST: self._manifest_command,
             Command.COMMIT: self._commit,
         }
@@ -177,10 +196,11 @@ class MigrationHandler:
 
     def _hello(self, payload: bytes | memoryview) -> _Reply:
         hello = abi.HelloRequest.unpack(payload)
+        capabilities = CAPABILITIES if self.cpus is None else CAPABILITIES | Capability.CPU_STATE
         reply = abi.HelloReply(
             ABI_VERSION,
             self.max_batch_pages,
-            int(CAPABILITIES),
+            int(capabilities),
             int(self.state),
             role_of(self.state),
             len(self.memory),
@@ -231,14 +251,45 @@ class MigrationHandler:
         self.state = state
         return _Reply(_IMPORT_REPLY.pack(seq, count))
 
+    def _export_cpu(self, payload: bytes | memoryview, out: memoryview) -> _Reply:
+        """Seal one vCPU's state into ``out``, once per session."""
+        state = self._advance(MhEvent.EXPORT)
+        assert self._sealer is not None
+        assert self.cpus is not None, "dispatch refuses CPU state without cpus"
+        index = abi.VcpuIndex.unpack(payload).vcpu_index
+        if index >= self.cpus.count:
+            raise Refusal(Status.BAD_REQUEST, f"no vCPU {index} (of {self.cpus.count})")
+        if index in self._cpu_states:
+            raise Refusal(Status.BAD_REQUEST, f"vCPU {index}'s state is already in the stream")
+        cpu_state = self.cpus.save(index)
+        body = pack_cpu_body(index, cpu_state)
+        written = self._sealer.seal_body_into(RecordKind.CPU_STATE, body, out)
+        self._cpu_states[index], self.state = cpu_state, state
+        return _Reply(written=written)
+
+    def _import_cpu(self, payload: bytes | memoryview) -> _Reply:
+        """Authenticate one vCPU's state and stage it: it reaches the vCPU only at COMMIT."""
+        state = self._advance(MhEvent.IMPORT)
+        assert self._opener is not None
+        assert self.cpus is not None, "dispatch refuses CPU state without cpus"
+        body = self._opener.open_body(payload, RecordKind.CPU_STATE, CPU_BODY_SIZE)
+        index, cpu_state = unpack_cpu_body(body, self.cpus.count)
+        if index in self._cpu_states:
+            # Only a forked source seals a vCPU twice: which state is the real one is unknowable.
+            raise Refusal(Status.REPLAY, f"a second state for vCPU {index}")
+        self._cpu_states[index], self.state = cpu_state, state
+        return _Reply(abi.VcpuIndex(index).pack())
+
     def _manifest_command(self, payload: bytes | memoryview) -> _Reply:
         keys = self._session()
         if self._sealer is not None:
             state = self._advance(MhEvent.SEAL_MANIFEST)
             if payload:
                 raise Refusal(Status.BAD_REQUEST, "the source's MANIFEST takes no payload")
+            self._check_every_cpu_exported()
             sealer = self._sealer
-            made = manifest.Manifest.of(keys, self.memory, sealer.versions, sealer.next_seq)
+            made = manifest.Manifest.of(keys, self.memory, sealer.versions, sealer.next_seq,
+                                        self._cpu_states)
             sealed = manifest.seal_manifest(keys, made)
             self._manifest, self.state = made, state
             return _Reply(sealed)
@@ -246,8 +297,13 @@ class MigrationHandler:
         assert self._opener is not None
         claimed = manifest.open_manifest(keys, payload)
         opener = self._opener
-        held = manifest.Manifest.of(keys, self.memory, opener.versions, opener.next_seq)
+        held = manifest.Manifest.of(keys, self.memory, opener.versions, opener.next_seq,
+                                    self._cpu_states)
         mismatch = claimed.compare(held)
+        if self.cpus is not None and claimed.vcpu_states != self.cpus.count:
+            # The staged states may match the manifest's and still miss a vCPU of ours
+            # (a source with fewer): that vCPU could not resume.
+            mismatch |= manifest.MismatchBits.CPU_STATE
         if mismatch:
             raise Refusal(Status.MISMATCH, f"manifest differs: {mismatch!r}", int(mismatch))
         self._manifest, self.state = claimed, state
@@ -263,6 +319,8 @@ class MigrationHandler:
             return _Reply()
         if payload:
             raise Refusal(Status.BAD_REQUEST, "the target's COMMIT takes no payload")
+        if self.cpus is not None:
+            self.cpus.restore(dict(sorted(self._cpu_states.items())))
         receipt = manifest.seal_commit_receipt(keys, made)
         self.state = state
         return _Reply(receipt)
@@ -285,6 +343,16 @@ class MigrationHandler:
         self._role, self._own_nonce, self._keys = Role.NONE, None, None
         self._sealer = self._opener = None
         self._manifest = None
+        self._cpu_states = {}
+
+    def _check_every_cpu_exported(self) -> None:
+        """Refusal(BAD_STATE) unless every vCPU's state is in the stream: a manifest
+        without one would let the target commit a guest that cannot resume."""
+        if self.cpus is None:
+            return
+        missing = sorted(set(range(self.cpus.count)) - self._cpu_states.keys())
+        if missing:
+            raise Refusal(Status.BAD_STATE, f"vCPU states not exported: {missing}")
 
 
 def _echo(request: bytes | bytearray | memoryview) -> tuple[int, int]:

@@ -4,13 +4,14 @@ At the stop the source MH seals one manifest (kind MANIFEST, sequence 0,
 manifest key); its body is 128 bytes::
 
     0    u64   RAM pages
-    8    u64   page records sealed (the data stream's length)
+    8    u64   data records sealed (page and CPU-state: the data stream's length)
     16   u64   pages exported in all (sum of all versions)
-    24   u64   reserved, zero
+    24   u64   vCPU states exported (0 for an SEV guest)
     32   32    versions digest: SHA-256 of every page's version, u64 LE,
                in GPA order (page 0, 1, 2, ... of all RAM)
     64   32    memory digest of all RAM as of the stop (below)
-    96   32    reserved, zero
+    96   32    CPU digest: SHA-256 over the exported vCPUs in index order of
+               ``u32 LE index || state``; all zero when no state was exported
 
 The memory digest is keyed, so that it runs at AES-GCM's GHASH speed
 (about 6 times SHA-256's here) and yet no host can steer it: RAM in GPA
@@ -24,9 +25,11 @@ The target accepts COMMIT only after it verified that it holds exactly this:
 the same RAM size, every record (a truncated stream shows in the count),
 every page at exactly the source's final version (nothing missing, nothing
 extra, no stale page; the digest compares the whole table, so the manifest
-keeps a fixed size however large the guest), and memory whose digest is the
-source's.  The memory digest catches what versions cannot: a page the guest
-wrote after its last export whose dirty bit the (untrusted) host suppressed.
+keeps a fixed size however large the guest), memory whose digest is the
+source's, and the same vCPU states.  The memory digest catches what versions
+cannot: a page the guest wrote after its last export whose dirty bit the
+(untrusted) host suppressed.  Without CPU state (SEV) the CPU fields are zero:
+an SEV guest's body is byte for byte what it was when they were reserved.
 
 Failures are reported as MISMATCH with ``detail`` bits
 (:class:`MismatchBits`).
@@ -43,6 +46,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import struct
+from collections.abc import Mapping
 from typing import Final
 
 import attrs
@@ -60,6 +64,7 @@ __all__ = [
     "MANIFEST_BODY_SIZE",
     "Manifest",
     "MismatchBits",
+    "cpu_digest",
     "memory_digest",
     "open_abort_token",
     "open_commit_receipt",
@@ -70,7 +75,7 @@ __all__ = [
     "versions_digest",
 ]
 
-_BODY = struct.Struct("<QQQ8x32s32s32x")
+_BODY = struct.Struct("<QQQQ32s32s32s")
 #: Bytes of a manifest's plaintext body.
 MANIFEST_BODY_SIZE: Final = _BODY.size
 _RECEIPT_SIZE: Final = 32
@@ -83,6 +88,8 @@ class MismatchBits(enum.IntFlag):
     RECORD_COUNT = 1 << 1
     VERSIONS = 1 << 2
     MEMORY = 1 << 3
+    #: vCPU states missing, extra or different (also IMPORT_CPU_STATE's detail).
+    CPU_STATE = 1 << 4
 
 
 #: RAM per GMAC call (AES-GCM's associated data stays below 2^31 bytes).
@@ -105,6 +112,16 @@ def versions_digest(versions: npt.NDArray[np.uint64]) -> bytes:
     return hashlib.sha256(np.ascontiguousarray(versions, dtype="<u8").data).digest()
 
 
+def cpu_digest(states: Mapping[int, bytes]) -> bytes:
+    """SHA-256 of ``u32 index || state`` per vCPU in index order; zeros if there is none."""
+    if not states:
+        return bytes(32)
+    digest = hashlib.sha256()
+    for index in sorted(states):
+        digest.update(index.to_bytes(4, "little") + states[index])
+    return digest.digest()
+
+
 @attrs.frozen
 class Manifest:
     """What the target must hold before it may commit."""
@@ -112,8 +129,10 @@ class Manifest:
     ram_pages: int
     records: int
     pages_exported: int
+    vcpu_states: int
     versions_digest: bytes
     memory_digest: bytes
+    cpu_digest: bytes
 
     @classmethod
     def of(
@@ -122,25 +141,23 @@ class Manifest:
         memory: npt.NDArray[np.uint8],
         versions: npt.NDArray[np.uint64],
         records: int,
+        cpu_states: Mapping[int, bytes],
     ) -> Manifest:
-        """The manifest of a side holding ``memory`` at ``versions`` after ``records``."""
+        """The manifest of a side holding ``memory`` at ``versions`` and ``cpu_states``
+        (exported or staged) after ``records``."""
         return cls(
             len(memory),
             records,
             int(versions.sum(dtype=np.uint64)),
+            len(cpu_states),
             versions_digest(versions),
             memory_digest(keys.memory, memory),
+            cpu_digest(cpu_states),
         )
 
     def pack(self) -> bytes:
-        """The 128-byte body."""
-        return _BODY.pack(
-            self.ram_pages,
-            self.records,
-            self.pages_exported,
-            self.versions_digest,
-            self.memory_digest,
-        )
+        """The 128-byte body (fields in body order)."""
+        return _BODY.pack(*attrs.astuple(self))
 
     @classmethod
     def unpack(cls, body: bytes) -> Manifest:
@@ -161,6 +178,8 @@ class Manifest:
             bits |= MismatchBits.VERSIONS
         if held.memory_digest != self.memory_digest:
             bits |= MismatchBits.MEMORY
+        if (held.vcpu_states, held.cpu_digest) != (self.vcpu_states, self.cpu_digest):
+            bits |= MismatchBits.CPU_STATE
         return bits
 
 

@@ -38,6 +38,12 @@ failure (AUTH_FAILED, REPLAY, OUT_OF_ORDER), which poisons the session (the
 handler's ``failed`` state: it never commits, so the guest never runs on
 what those pages hold); a gathered record changes nothing until all its
 checks passed.
+
+The stream carries entry-less records of other kinds too (CPU state,
+:mod:`vmmig.firmware.cpus`): :meth:`RecordSealer.seal_body_into` and
+:meth:`RecordOpener.open_body` number them with the same counter, so the
+table's replay, order and truncation checks cover them as well.  (The kind is
+in the nonce: one counter for several kinds repeats no (key, nonce) pair.)
 """
 
 from __future__ import annotations
@@ -214,6 +220,22 @@ class RecordSealer(_PageStream):
         entries["version"] = self.versions[frames]
         return entries
 
+    def seal_body_into(self, kind: RecordKind, body: bytes, out: memoryview) -> int:
+        """Seal ``body`` into ``out`` as the next record, of ``kind`` and without
+        entries; return its size."""
+        size = envelope.seal_into(
+            self._aead,
+            out,
+            kind=kind,
+            direction=_DIRECTION,
+            session_id=self.session_id,
+            seq=self.next_seq,
+            entries=None,
+            plaintext=body,
+        )
+        self.next_seq += 1
+        return size
+
     def seal(self, gpas: npt.NDArray[np.uint64]) -> bytes:
         """:meth:`seal_into` a fresh buffer (tests, benchmarks)."""
         out = bytearray(page_record_size(len(gpas)))
@@ -279,14 +301,38 @@ class RecordOpener(_PageStream):
             raise Refusal(Status.AUTH_FAILED, "record tag does not verify") from None
         return not any(bitmap)
 
+    def open_body(self, record: bytes | bytearray | memoryview, kind: RecordKind,
+                  body_length: int) -> bytes:
+        """Check an entry-less record of ``kind`` as the next one and take its sequence
+        number; its body.
+
+        The checks and statuses are the page records'.  The caller's own checks
+        of the body come after the number is taken: their refusals must be
+        integrity failures, which poison the session.
+        """
+        env = envelope.parse(
+            record, session_id=self.session_id, kind=kind, direction=_DIRECTION, max_count=0
+        )
+        if env.body_length != body_length:
+            raise Refusal(Status.BAD_REQUEST, f"{kind.name} body must be {body_length} bytes")
+        body = bytearray(body_length)
+        envelope.open_into(self._aead, env, memoryview(body))
+        self._check_seq(env.seq)
+        self.next_seq += 1
+        return bytes(body)
+
+    def _check_seq(self, seq: int) -> None:
+        """Refusal unless ``seq`` is the next record's: REPLAY below, OUT_OF_ORDER above."""
+        if seq != self.next_seq:
+            status = Status.REPLAY if seq < self.next_seq else Status.OUT_OF_ORDER
+            raise Refusal(status, f"record {seq}, expected {self.next_seq}")
+
     def _accept(self, env: envelope.Envelope, frames: npt.NDArray[np.intp], *,
                 scatter: bool) -> None:
         """The authenticated record's order checks, then its versions and (``scatter``:
         from the scratch buffer) its pages."""
         count = len(frames)
-        if env.seq != self.next_seq:
-            status = Status.REPLAY if env.seq < self.next_seq else Status.OUT_OF_ORDER
-            raise Refusal(status, f"record {env.seq}, expected {self.next_seq}")
+        self._check_seq(env.seq)
         versions = env.entries["version"]
         if not np.array_equal(versions, self.versions[frames] + np.uint64(1)):
             raise Refusal(Status.OUT_OF_ORDER, "a page version does not follow the one held")

@@ -6,14 +6,14 @@ row in the table for the current state is BAD_STATE with nothing changed.
 
 Source::
 
-    idle -> source-nonce -> source-open --export--> source-open
+    idle -> source-nonce -> source-open --export (pages, CPU state)--> source-open
                  (or idle -> source-open when the target's nonce came first)
     source-open --manifest--> source-sealed --commit (receipt)--> source-retired
     source-open --abort--> idle;  source-sealed --abort (token)--> idle
 
 Target::
 
-    idle -> target-nonce -> target-open --import--> target-open
+    idle -> target-nonce -> target-open --import (pages, CPU state)--> target-open
     target-open --manifest ok--> target-verified --commit--> target-committed
     target-* --integrity failure--> failed --abort--> idle
 
