@@ -108,10 +108,24 @@ class TestSelection:
         with pytest.raises(PluginError, match="vmmig_transfer_memory"):
             PluginHost().select("toy", "emu")
 
-    def test_unimplemented_technologies_say_so(self):
-        """sev-es is listed but refuses to run with 'not implemented yet'."""
-        with pytest.raises(UnsupportedError, match="not implemented yet"):
-            PluginHost(entry_points=False).select("sev-es", "emu")
+    def test_an_unavailable_technology_says_why(self):
+        """A technology listed as unavailable refuses to run, with its own reason."""
+
+        class Draft:
+            @hookimpl
+            def vmmig_technology(self):
+                return Technology(name="tdx", summary="Intel TDX", platforms=("emu",),
+                                  unavailable="not implemented yet")
+
+        host = PluginHost(entry_points=False)
+        host.pm.register(Draft(), name="draft")
+        with pytest.raises(UnsupportedError, match="tdx.*not implemented yet"):
+            host.select("tdx", "emu")
+
+    def test_sev_es_offers_no_psp_strategy(self):
+        """Its PSP path (SEND_UPDATE_VMSA) is not wired in: asking is refused up front."""
+        with pytest.raises(UnsupportedError, match="psp-strategy"):
+            PluginHost(entry_points=False).select("sev-es", "emu", ["psp-strategy"])
 
     def test_an_sev_option_asked_of_plain_is_refused_before_any_vm_starts(self):
         """plain has no PSP strategy and no MH queues: asking is an error, not ignored."""

@@ -41,10 +41,10 @@ def no_leftovers():
         yield
 
 
-def run_cli(tmp_path: Path, *args: str):
-    """``vmmig run --tech sev --platform emu ...``; the process result and the JSON report."""
+def run_cli(tmp_path: Path, *args: str, tech: str = "sev"):
+    """``vmmig run --tech TECH --platform emu ...``; the process result and the JSON report."""
     report_path = tmp_path / "report.json"
-    result = subprocess.run([*VMMIG, "run", "--tech", "sev", "--platform", "emu",
+    result = subprocess.run([*VMMIG, "run", "--tech", tech, "--platform", "emu",
                              "--owner", str(tmp_path / "owner"), "--json", str(report_path),
                              *args], capture_output=True, text=True, timeout=300, check=False)
     report = json.loads(report_path.read_text()) if report_path.exists() else None
@@ -85,6 +85,24 @@ class TestLiveMigration:
         assert report["ram"]["transferred"] >= 15 << 20
         assert "attestation" in result.stdout
         assert "guest-running" in result.stdout
+
+    @pytest.mark.parametrize("workload", ["ab", "regs"])
+    def test_an_sev_es_guest_moves_with_its_cpu_state_sealed_by_the_mhs(
+            self, tmp_path, workload, no_leftovers):
+        """SEV-ES, 2 vCPUs: the hypervisor never touches a register; the MHs move every
+        vCPU's state, and the guest goes on on the target from the exact instruction."""
+        result, report = run_cli(tmp_path, "--memory", MEMORY, "--vcpus", "2", "--workload",
+                                 workload, tech="sev-es")
+        assert result.returncode == 0, result.stderr
+        assert report["status"] == "completed"
+        checks = report["integrity-details"]["checks"]
+        assert "policy 0x5" in checks["attestation"]
+        assert checks["vcpu-state"] == (
+            "the states of all 2 vCPUs sealed by the source MH and checked against its "
+            "manifest by the target MH; the hypervisor never read or set a register")
+        assert checks["guest-running"].startswith("guest running, writing its memory")
+        if workload == "ab":
+            assert checks["a-b"].startswith("the guest's own check passed on every page")
 
     def test_the_psp_strategy_moves_the_guest_through_both_psps(self, tmp_path, no_leftovers):
         """--strategy psp: SEND_START/RECEIVE_START, a packet per page, SEND/RECEIVE_FINISH;

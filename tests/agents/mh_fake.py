@@ -172,6 +172,8 @@ class FakeMonitor:
             return self.mh.query()
         if cmd == "x-dirty-log-sync":
             return {"dirty": self._dirty()}
+        if cmd == "query-cpus-fast":
+            return [{"cpu-index": 0}]
         if cmd == "x-vcpu-state-export":
             return [{"rip": 0x1234}]
         if cmd == "x-vcpu-state-import":

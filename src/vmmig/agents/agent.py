@@ -186,7 +186,11 @@ def _source(options: AgentOptions, monitor: QEMUMonitorProtocol, control: _Contr
         session = None
         pages: SourcePages | None = None
         if options.page_path == "mh":
-            session = SourceSession.open(mailbox.enter_context(open_mailbox(monitor)), channel)
+            vcpus = monitor.cmd("query-cpus-fast")
+            if not isinstance(vcpus, list):
+                raise MigrationFailed("the machine's query-cpus-fast returned no list")
+            session = SourceSession.open(mailbox.enter_context(open_mailbox(monitor)), channel,
+                                         vcpus=len(vcpus))
             pages = session.pages
         elif options.page_path == "psp":
             pages = PspSourcePages(monitor)

@@ -38,8 +38,9 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 
-__all__ = ["MachineMonitor", "PipelinedPages", "RoundStats", "SourceEngine", "SourcePages",
-           "SourceResult", "TargetPages", "run_source", "run_target"]
+__all__ = ["MachineMonitor", "PipelinedPages", "RoundStats", "SealedCpuState",
+           "SealedCpuStateReceiver", "SourceEngine", "SourcePages", "SourceResult",
+           "TargetPages", "run_source", "run_target"]
 
 PAGE = 4096
 #: How many batches ahead a pipelined page path is told about.
@@ -78,6 +79,29 @@ class PipelinedPages(Protocol):
 
         Called before each ``batch``; the list starts with that call's batch.
         """
+
+
+@runtime_checkable
+class SealedCpuState(Protocol):
+    """A page path that moves the vCPUs' state too (SEV-ES: sealed by the MH, because the
+    hypervisor can neither read nor set the registers); only if ``sealed_cpu_state``."""
+
+    sealed_cpu_state: bool
+
+    def cpu_state_records(self) -> Iterator[Buffer]:
+        """Source: one CPU_STATE frame's payload per vCPU (each valid until the next)."""
+        ...
+
+
+@runtime_checkable
+class SealedCpuStateReceiver(Protocol):
+    """The target's half of :class:`SealedCpuState`."""
+
+    sealed_cpu_state: bool
+
+    def receive_cpu_state(self, channel: Channel, header: FrameHeader) -> None:
+        """Receive a CPU_STATE frame and hand it to whoever checks it."""
+        ...
 
 
 class TargetPages(Protocol):
@@ -263,8 +287,13 @@ class SourceEngine:
 
         :raises MigrationFailed: the target aborted or did not acknowledge.
         """
-        cpu_state = self.monitor.cmd("x-vcpu-state-export")
-        self.channel.send(FrameKind.CPU_STATE, json.dumps(cpu_state).encode())
+        pages = self.batcher
+        if isinstance(pages, SealedCpuState) and pages.sealed_cpu_state:
+            for record in pages.cpu_state_records():
+                self.channel.send(FrameKind.CPU_STATE, record)
+        else:
+            cpu_state = self.monitor.cmd("x-vcpu-state-export")
+            self.channel.send(FrameKind.CPU_STATE, json.dumps(cpu_state).encode())
         self.channel.send_json(FrameKind.DONE, {})
         kind, message = self.channel.receive_json()
         if kind is not FrameKind.DONE:
@@ -301,6 +330,10 @@ def _receive_frame(monitor: MachineMonitor, channel: Channel, receiver: TargetPa
     """Receive and apply one frame on the target; returns the pages it wrote."""
     if header.kind is FrameKind.PAGES:
         return receiver.receive(channel, header)
+    if header.kind is FrameKind.CPU_STATE and isinstance(receiver, SealedCpuStateReceiver) \
+            and receiver.sealed_cpu_state:
+        receiver.receive_cpu_state(channel, header)
+        return 0
     kind, payload = header.kind, channel.receive_payload(header)
     if kind is FrameKind.CPU_STATE:
         monitor.cmd("x-vcpu-state-import", vmsas=json.loads(bytes(payload)))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Final
 
 import attrs
@@ -29,7 +29,7 @@ import numpy as np
 from vmmig.agents.mh_mailbox import MailboxClient, Reply, Ticket
 from vmmig.channel import Channel
 from vmmig.channel.frames import FrameHeader, ProtocolError
-from vmmig.firmware.abi import PAGE_SIZE, Command, pack_export_request
+from vmmig.firmware.abi import PAGE_SIZE, Command, VcpuIndex, pack_export_request
 
 
 if TYPE_CHECKING:
@@ -69,10 +69,14 @@ class MhSourcePages:
     order, which is the order the target's MH accepts.
     """
 
-    def __init__(self, client: MailboxClient, *, batch_pages: int, ram_pages: int) -> None:
+    def __init__(self, client: MailboxClient, *, batch_pages: int, ram_pages: int,
+                 vcpus: int = 0) -> None:
         self.client = client
         self.batch_pages = batch_pages
         self.ram_pages = ram_pages
+        #: The MH seals the vCPUs' state too (SEV-ES), for this many vCPUs.
+        self.vcpus = vcpus
+        self.sealed_cpu_state = vcpus > 0
         self.normal = 0
         #: Always 0: which pages are zero is sealed inside the records.
         self.zero = 0
@@ -104,6 +108,20 @@ class MhSourcePages:
         self.normal += export.pages
         assert export.reply is not None
         return [export.reply.payload]
+
+    def cpu_state_records(self) -> Iterator[Buffer]:
+        """After the last batch: every vCPU's sealed state, in the stream's order (the
+        records share the pages' sequence), each valid until the next."""
+        for index in range(self.vcpus):
+            self._release()
+            self._window.append(_Export(self.client.submit(Command.EXPORT_CPU_STATE,
+                                                           VcpuIndex(index).pack())))
+            export = self._record(self._next_record)
+            self._next_record += 1
+            self._handed_out = export
+            assert export.reply is not None
+            yield export.reply.payload
+        self._release()
 
     def drain(self) -> None:
         """Collect every export still in flight, whatever the MH answered: their slots
@@ -154,10 +172,13 @@ class MhTargetPages:
     :param queue: the queue imports go through.
     """
 
-    def __init__(self, client: MailboxClient, queue: int = 0) -> None:
+    def __init__(self, client: MailboxClient, queue: int = 0, *,
+                 sealed_cpu_state: bool = False) -> None:
         self.client = client
         self.queue = queue
-        self._pending: deque[Ticket] = deque()
+        #: CPU_STATE frames are the MH's sealed records (SEV-ES), imported like pages.
+        self.sealed_cpu_state = sealed_cpu_state
+        self._pending: deque[tuple[Ticket, Command]] = deque()
 
     def receive(self, channel: Channel, header: FrameHeader) -> int:
         """Receive a record into a slot and post it; returns pages of earlier imports done.
@@ -166,14 +187,21 @@ class MhTargetPages:
             refused an earlier record (:class:`~vmmig.agents.mh_mailbox.MhRefused`
             names its status).
         """
+        return self._import(channel, header, Command.IMPORT_PAGES)
+
+    def receive_cpu_state(self, channel: Channel, header: FrameHeader) -> None:
+        """Receive a vCPU's sealed state into a slot and post it, in the stream's order."""
+        self._import(channel, header, Command.IMPORT_CPU_STATE)
+
+    def _import(self, channel: Channel, header: FrameHeader, command: Command) -> int:
         written = self._collect() if len(self._pending) == 2 else 0
         if header.length > self.client.payload_capacity:
-            raise ProtocolError(f"PAGES frame of {header.length} bytes is larger than an MH "
-                                "page record")
+            raise ProtocolError(f"{header.kind.name} frame of {header.length} bytes is larger "
+                                "than an MH record")
         ticket = self.client.reserve(self.queue)
         channel.receive_into(ticket.payload[:header.length])
-        self.client.post(ticket, Command.IMPORT_PAGES, header.length)
-        self._pending.append(ticket)
+        self.client.post(ticket, command, header.length)
+        self._pending.append((ticket, command))
         return written
 
     def flush(self) -> int:
@@ -193,7 +221,10 @@ class MhTargetPages:
                 self._collect()
 
     def _collect(self) -> int:
-        reply = self.client.wait(self._pending.popleft()).ok()
+        ticket, command = self._pending.popleft()
+        reply = self.client.wait(ticket).ok()
+        if command is Command.IMPORT_CPU_STATE:
+            return 0
         if len(reply) != _IMPORT_REPLY.size:
             raise ProtocolError("the MH's IMPORT_PAGES reply has the wrong size")
         _seq, pages = _IMPORT_REPLY.unpack(reply)

@@ -175,9 +175,11 @@ class SourceSession:
     committed: bool = False
 
     @classmethod
-    def open(cls, client: MailboxClient, channel: Channel) -> SourceSession:
+    def open(cls, client: MailboxClient, channel: Channel, vcpus: int = 0) -> SourceSession:
         """HELLO and the nonce exchange with the target (module doc).
 
+        :param vcpus: the guest's vCPUs, whose state an MH with the CPU_STATE
+            capability (SEV-ES) seals after the last pages.
         :raises MigrationFailed: the target refused; the MH is aborted.
         """
         hello = _hello(client)
@@ -188,7 +190,8 @@ class SourceSession:
             raise
         pages = MhSourcePages(client, batch_pages=min(hello.max_batch_pages,
                                                       _int(peer, "max-batch")),
-                              ram_pages=hello.ram_pages)
+                              ram_pages=hello.ram_pages,
+                              vcpus=vcpus if hello.capabilities & Capability.CPU_STATE else 0)
         return cls(client, channel, pages)
 
     def commit(self, emit: Emit) -> None:
@@ -248,6 +251,7 @@ def receive_guest(monitor: MachineMonitor, client: MailboxClient, channel: Chann
     pages = MhTargetPages(client)
     try:
         hello = _hello(client)
+        pages.sealed_cpu_state = bool(hello.capabilities & Capability.CPU_STATE)
         peer = _expect(channel, "open", "source")
         reply = _open(client, Role.TARGET, _hex(peer, "nonce"))
         channel.send_json(FrameKind.CONTROL, {

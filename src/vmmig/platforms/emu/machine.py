@@ -92,6 +92,7 @@ from vmmig.guests.emu import (
 from vmmig.guests.emu.regs_check import ENTRY_SIZE
 from vmmig.platforms.emu.console import SerialConsole
 from vmmig.platforms.emu.dirtylog import DirtyLog, open_dirty_log
+from vmmig.platforms.emu.guest_cpus import VcpuStates
 from vmmig.platforms.emu.memory import GuestMemory
 from vmmig.platforms.emu.mh_layout import MhReservation, load_firmware
 from vmmig.platforms.emu.mh_runtime import MhRuntime, register_mh_commands
@@ -284,7 +285,8 @@ class Machine:
         #: The Migration Handler of a launched SEV guest; None otherwise.
         self.mh = None if reservation is None or not launched else MhRuntime(
             self.memory, self.shared_pages, reservation=reservation,
-            irq_path=config.run_dir / f"{config.name}.mh", target=config.mh_target)
+            irq_path=config.run_dir / f"{config.name}.mh", target=config.mh_target,
+            cpus=VcpuStates(self.vcpus) if config.tech == "sev-es" else None)
         if launched:
             try:
                 self._boot(config)

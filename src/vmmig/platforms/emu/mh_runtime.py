@@ -54,6 +54,7 @@ from vmmig.firmware.abi import (
     REGION_HEADER_SIZE,
     Role,
 )
+from vmmig.firmware.cpus import GuestCpus
 from vmmig.firmware.handler import MigrationHandler
 from vmmig.firmware.image import (
     FIRMWARE_GPA,
@@ -100,8 +101,10 @@ class MhRuntime:
     """
 
     def __init__(self, memory: GuestMemory, shared_pages: SharedPages, *,
-                 reservation: MhReservation, irq_path: Path, target: bool) -> None:
+                 reservation: MhReservation, irq_path: Path, target: bool,
+                 cpus: GuestCpus | None = None) -> None:
         self._memory = memory
+        self._cpus = cpus
         self._shared_pages = shared_pages
         self.reservation = reservation
         self.irq_path = irq_path
@@ -172,7 +175,7 @@ class MhRuntime:
         self._listener = listener
         self.handler = MigrationHandler(self._memory.pages[:gpa // PAGE_SIZE], secret,
                                         max_batch_pages=layout.max_batch_pages,
-                                        roles=config.roles)
+                                        roles=config.roles, cpus=self._cpus)
         self._thread = threading.Thread(target=self._serve, name="mh-helper-vcpu", daemon=True)
         self._thread.start()
 
