@@ -119,7 +119,7 @@ class TestSelection:
 
         host = PluginHost(entry_points=False)
         host.pm.register(Draft(), name="draft")
-        with pytest.raises(UnsupportedError, match="tdx.*not implemented yet"):
+        with pytest.raises(UnsupportedError, match=r"tdx.*not implemented yet"):
             host.select("tdx", "emu")
 
     def test_sev_es_offers_no_psp_strategy(self):
