@@ -40,7 +40,8 @@ def no_leftover_qemu():
 
 class TestLiveMigration:
     def test_dirtying_guest_migrates_live_with_integrity(self, tmp_path, no_leftover_qemu):
-        """The README's command: a dirtying 1 GiB guest moves in several passes, intact."""
+        """The QEMU command the README names: a dirtying 1 GiB guest moves in several passes,
+        intact."""
         report_path = tmp_path / "report.json"
         # Under TCG the guest dirties memory faster than loopback carries it:
         # only throttling converges there (see the runner's timeout hint).

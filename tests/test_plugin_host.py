@@ -8,6 +8,7 @@ import textwrap
 import pytest
 
 from vmmig import hookimpl, hookspecs
+from vmmig.config import load_plan
 from vmmig.errors import PluginError, UnsupportedError
 from vmmig.plugin_host import BUILTIN_PLUGINS, PluginHost
 from vmmig.technology import Technology
@@ -158,3 +159,19 @@ class TestReference:
             assert len(doc.splitlines()) >= 3, name
             for param in inspect.signature(spec).parameters:
                 assert f":param {param}:" in doc, (name, param)
+
+
+class TestDefaultPlatform:
+    @pytest.mark.parametrize(("tech", "platform"), [("plain", "qemu"), ("sev", "emu"),
+                                                    ("sev-es", "emu"), ("nonesuch", "qemu")])
+    def test_a_plan_without_a_platform_takes_the_technologys_first(self, tech, platform):
+        """`vmmig run --tech sev-es` runs on the emulated platform: QEMU cannot run it."""
+        host = PluginHost(entry_points=False)
+        plan = load_plan(None, {"tech": tech}, platform_for=host.default_platform)
+        assert plan.platform == platform
+
+    def test_a_platform_named_by_the_plan_wins(self):
+        host = PluginHost(entry_points=False)
+        plan = load_plan(None, {"tech": "sev-es", "platform": "qemu"},
+                         platform_for=host.default_platform)
+        assert plan.platform == "qemu"

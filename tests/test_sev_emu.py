@@ -86,6 +86,23 @@ class TestLiveMigration:
         assert "attestation" in result.stdout
         assert "guest-running" in result.stdout
 
+    def test_the_readme_command(self, tmp_path, no_leftovers):
+        """The README's main job as a user types it (no --platform: sev-es means emu):
+        SEV-ES, 1 GiB, 4 vCPUs, the a-b guest, auto-converge."""
+        report_path = tmp_path / "report.json"
+        result = subprocess.run([*VMMIG, "run", "--tech", "sev-es", "--memory", "1G",
+                                 "--vcpus", "4", "--workload", "ab", "--auto-converge",
+                                 "--json", str(report_path)],
+                                capture_output=True, text=True, timeout=600, check=False)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(report_path.read_text())
+        assert (report["status"], report["platform"], report["integrity"]) == (
+            "completed", "emu", "ok")
+        checks = report["integrity-details"]["checks"]
+        assert checks["vcpu-state"].startswith("the states of all 4 vCPUs sealed")
+        assert checks["a-b"].startswith("the guest's own check passed on every page")
+        assert report["ram"]["dirty-sync-count"] >= 2, "not a live, multi-pass migration"
+
     @pytest.mark.parametrize("workload", ["ab", "regs"])
     def test_an_sev_es_guest_moves_with_its_cpu_state_sealed_by_the_mhs(
             self, tmp_path, workload, no_leftovers):

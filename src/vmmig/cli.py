@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands = {"emu": _emu_start, "agent": _agent, "owner": run_owner_command}
         if args.command in commands:
             return commands[args.command](args)
-        plan = load_plan(args.config, _plan_options(args))
+        plan = load_plan(args.config, _plan_options(args), platform_for=host.default_platform)
         return _run(plan, host)
     except ConfigError as err:
         print(f"vmmig: error: {err}", file=sys.stderr)

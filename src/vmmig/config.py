@@ -156,7 +156,8 @@ class MigrationPlan:
     """Everything one ``vmmig run`` needs to know, validated."""
 
     tech: str = _field("plain", _text, "migration technology (see `vmmig plugins`)", "NAME")
-    platform: str = _field("qemu", _choice("qemu", "emu"), "where the VMs run: qemu or emu")
+    platform: str = _field("qemu", _choice("qemu", "emu"), "where the VMs run: qemu or emu "
+                           "(default: the technology's first, e.g. emu for sev-es)")
     memory: int = _field(1 << 30, parse_size, "guest RAM, e.g. 1G or 512M", "SIZE")
     vcpus: int = _field(1, _integer(1, 64), "guest vCPUs", "N")
     workload: str = _field("ab", _workload, "guest program: ab (dirties every page) or idle")
@@ -201,11 +202,14 @@ def plan_fields() -> tuple[PlanField, ...]:
 
 
 def load_plan(path: Path | None = None,
-              overrides: Mapping[str, object] | None = None) -> MigrationPlan:
+              overrides: Mapping[str, object] | None = None, *,
+              platform_for: Callable[[str], str] | None = None) -> MigrationPlan:
     """Load a plan from a TOML file, then apply command-line overrides.
 
     :param path: the TOML plan, or None for defaults only.
     :param overrides: option name (``downtime-limit``) -> raw value from the command line.
+    :param platform_for: the platform a technology runs on when the plan names
+        none (``vmmig run --tech sev-es`` means the emulated platform).
     :raises ConfigError: naming the file or option and the field.
     """
     fields = {field.name: field for field in plan_fields()}
@@ -224,6 +228,8 @@ def load_plan(path: Path | None = None,
             values[key] = _convert(fields[key], raw, f"{path}: {key}")
     for key, raw in (overrides or {}).items():
         values[key] = _convert(fields[key], raw, f"--{key}")
+    if "platform" not in values and platform_for is not None:
+        values["platform"] = platform_for(values.get("tech", MigrationPlan().tech))
     return MigrationPlan(**{key.replace("-", "_"): value for key, value in values.items()})
 
 

@@ -146,6 +146,12 @@ class PluginHost:
             found[tech.name] = (tech, impl.plugin)
         return found
 
+    def default_platform(self, tech: str) -> str:
+        """The platform ``tech`` runs on unless told otherwise: the first it lists
+        (``qemu`` for an unknown technology, which :meth:`select` then names)."""
+        found = self.technologies().get(tech)
+        return found[0].platforms[0] if found is not None else "qemu"
+
     def check_host(self, plan: MigrationPlan) -> None:
         """Ask the plan's technology what this host lacks for it; stop if anything.
 
