@@ -27,8 +27,11 @@ from vmmig.firmware.envelope import ENTRY, RECORD_HEADER_SIZE
 from vmmig.platforms.emu.platform import EmuPlatform
 
 
-#: The attacks :class:`HostileProxy` knows, each on PAGES frame ``at`` (0-based).
-ATTACKS = ("flip", "drop", "replay", "swap", "truncate", "splice")
+#: The attacks :class:`HostileProxy` knows: on PAGES frame ``at`` (0-based), or on the
+#: CPU_STATE frames (``cpu-``: replay the first, swap the first two, splice in another
+#: migration's first, drop the last).
+ATTACKS = ("flip", "drop", "replay", "swap", "truncate", "splice",
+           "cpu-replay", "cpu-swap", "cpu-splice", "cpu-drop")
 _HEADER_SIZE = FRAME_HEADER.size
 
 
@@ -74,6 +77,9 @@ class HostileProxy:
         self._sequence = 0
         self._held: bytearray | None = None
         self._trailer: list[bytearray] = []
+        self._held_cpu: list[bytearray] = []
+        #: The CPU_STATE frames seen, as received.
+        self.cpu_states: list[bytes] = []
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -109,8 +115,46 @@ class HostileProxy:
                 self._truncating(target, kind, frame)
             elif kind == FrameKind.PAGES:
                 self._pages_frame(target, frame)
+            elif kind == FrameKind.CPU_STATE:
+                self._cpu_frame(target, frame)
             else:
+                self._flush_cpu(target)
                 self._send(target, frame)
+
+    def _cpu_frame(self, target: socket.socket, frame: bytearray) -> None:
+        """The vCPU-state attacks, on the stream's CPU_STATE frames (SEV-ES)."""
+        index = len(self.cpu_states)
+        self.cpu_states.append(bytes(frame))
+        attack = self.attack or ""
+        if not attack.startswith("cpu-"):
+            self._send(target, frame)
+        elif attack == "cpu-replay" and index == 0:
+            self.attacked = True
+            self._send(target, frame)
+            self._send(target, bytearray(frame))
+        elif attack == "cpu-swap" and index == 0:
+            self._held = frame  # goes after the next one
+        elif attack == "cpu-swap" and index == 1 and self._held is not None:
+            self.attacked = True
+            self._send(target, frame)
+            self._send(target, self._held)
+            self._held = None
+        elif attack == "cpu-splice" and index == 0:
+            assert self.spliced is not None, "splice needs a frame of another migration"
+            self.attacked = True
+            self._send(target, bytearray(self.spliced))
+        elif attack == "cpu-drop":
+            self._held_cpu.append(frame)  # the last one is dropped when the stream ends
+        else:
+            self._send(target, frame)
+
+    def _flush_cpu(self, target: socket.socket) -> None:
+        """The CPU_STATE frames are over: send the ones held back but the last."""
+        if self._held_cpu:
+            for frame in self._held_cpu[:-1]:
+                self._send(target, frame)
+            self._held_cpu = []
+            self.attacked = True
 
     def _truncating(self, target: socket.socket, kind: int, frame: bytearray) -> None:
         """Hold the latest record and what follows it; at CPU_STATE it was the stream's
@@ -143,7 +187,7 @@ class HostileProxy:
             self.attacked = True
             self._send(target, self._held)
             self._held = None
-        elif index == self.at and self.attack is not None:
+        elif index == self.at and self.attack in ("flip", "drop", "replay", "splice"):
             self._attack(target, frame)
             return
         self._send(target, frame)

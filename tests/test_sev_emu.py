@@ -120,6 +120,10 @@ class TestLiveMigration:
         assert checks["guest-running"].startswith("guest running, writing its memory")
         if workload == "ab":
             assert checks["a-b"].startswith("the guest's own check passed on every page")
+        parts = report["downtime-parts"]
+        assert set(parts) == {"memory", "cpu-state", "commit"}
+        assert sum(parts.values()) == report["downtime"]
+        assert "cpu-state" in result.stdout  # the summary's downtime line shows the parts
 
     def test_the_psp_strategy_moves_the_guest_through_both_psps(self, tmp_path, no_leftovers):
         """--strategy psp: SEND_START/RECEIVE_START, a packet per page, SEND/RECEIVE_FINISH;
@@ -164,7 +168,8 @@ def _amd_root() -> Path:
     return default_amd_root()
 
 
-def run_attacked(tmp_path: Path, attack: str | None, spliced: bytes | None = None):
+def run_attacked(tmp_path: Path, attack: str | None, spliced: bytes | None = None, *,
+                 tech: str = "sev"):
     """One in-process run through a hostile proxy; (report, source check, proxy, after)."""
     proxies: list[HostileProxy] = []
 
@@ -173,9 +178,9 @@ def run_attacked(tmp_path: Path, attack: str | None, spliced: bytes | None = Non
         return proxies[-1]
 
     after: dict[str, object] = {}
+    plan = sev_plan(tmp_path, workload="ab", tech=tech, vcpus=2)
     try:
-        report, source = migrate_in_process(sev_plan(tmp_path, workload="ab"), SourceWatch(),
-                                            proxied_platform(make), after)
+        report, source = migrate_in_process(plan, SourceWatch(), proxied_platform(make), after)
     finally:
         for proxy in proxies:
             proxy.close()
@@ -205,6 +210,36 @@ class TestHostileHost:
         first, _, recorder, _ = run_attacked(tmp_path, None)
         assert first.status == "completed"
         report, source, proxy, _ = run_attacked(tmp_path, "splice", spliced=recorder.pages[2])
+        assert proxy.attacked
+        assert report.status == "failed"
+        assert "AUTH_FAILED" in report.error, report.error
+        assert report.source == "running"
+        assert source is not None
+        assert source[0], source
+
+
+class TestHostileHostSevEs:
+    @pytest.mark.parametrize(("attack", "refusal"), [
+        ("cpu-replay", "REPLAY"), ("cpu-swap", "OUT_OF_ORDER"), ("cpu-drop", "MISMATCH")])
+    def test_an_attacked_vcpu_state_stops_the_migration(self, tmp_path, attack, refusal,
+                                                        no_leftovers):
+        """A vCPU's state replayed, two swapped, the last one missing: the target MH refuses,
+        the target never runs, the source resumes from its saved state."""
+        report, source, proxy, after = run_attacked(tmp_path, attack, tech="sev-es")
+        assert proxy.attacked
+        assert report.status == "failed"
+        assert refusal in report.error, report.error
+        assert Phase.FINALIZING.value not in report.extra["phase-history"]
+        assert report.source == "running"
+        assert source is not None
+        assert source[0], source
+        assert after["source-mh"]["role"] is None, after["source-mh"]
+
+    def test_a_vcpu_state_from_another_migration_is_refused(self, tmp_path, no_leftovers):
+        first, _, recorder, _ = run_attacked(tmp_path, None, tech="sev-es")
+        assert first.status == "completed"
+        report, source, proxy, _ = run_attacked(tmp_path, "cpu-splice", tech="sev-es",
+                                                spliced=recorder.cpu_states[0])
         assert proxy.attacked
         assert report.status == "failed"
         assert "AUTH_FAILED" in report.error, report.error

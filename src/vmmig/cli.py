@@ -242,7 +242,9 @@ def summary(report: MigrationReport) -> str:
         rows += [(f"  {name}", detail) for name, detail in report.integrity.checks.items()]
     rows += [
         ("total time", f"{report.total_time} ms"),
-        ("downtime", "-" if report.downtime is None else f"{report.downtime} ms"),
+        ("downtime", "-" if report.downtime is None else f"{report.downtime} ms" + (
+            " (" + ", ".join(f"{part} {ms} ms" for part, ms in report.downtime_parts.items())
+            + ")" if report.downtime_parts else "")),
         ("setup time", f"{report.setup_time} ms"),
         ("transferred", human_size(ram.transferred)),
         ("memory", f"{human_size(ram.total)} ({ram.normal} normal, {ram.duplicate} zero pages)"),

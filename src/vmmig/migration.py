@@ -32,6 +32,7 @@ class Migration:
     :ivar scratch: the technology's own state between its hooks.
     :ivar ram: the latest memory-transfer statistics.
     :ivar downtime_ms: the guest's downtime, once known.
+    :ivar downtime_parts: its parts by what they moved or did.
     :ivar setup_ms: time before the first round started, once known.
     :ivar on_round: set by the driver: relays rounds to the observer hooks.
     :ivar on_progress: set by the driver: relays progress to the observer hooks.
@@ -46,6 +47,8 @@ class Migration:
     scratch: dict[str, Any] = attrs.Factory(dict)
     ram: RamStats = attrs.Factory(RamStats)
     downtime_ms: int | None = None
+    #: What ``downtime_ms`` was spent on, e.g. ``{"memory": 80, "cpu-state": 3}``.
+    downtime_parts: dict[str, int] = attrs.Factory(dict)
     setup_ms: int | None = None
     started: float = attrs.Factory(time.monotonic)
     checks: dict[str, str] = attrs.Factory(dict)

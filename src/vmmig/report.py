@@ -124,6 +124,8 @@ class MigrationReport:
     error: str | None = None
     source: str = "unknown"
     extra: Mapping[str, Any] = attrs.field(factory=dict)
+    #: What the downtime was spent on, in ms (``memory``, ``cpu-state``, ``commit``).
+    downtime_parts: Mapping[str, int] = attrs.field(factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The report as QEMU-vocabulary JSON data."""
@@ -140,6 +142,8 @@ class MigrationReport:
             "phases": dict(self.phases),
             "source-vm": self.source,
         }
+        if self.downtime_parts:
+            data["downtime-parts"] = dict(self.downtime_parts)
         if self.integrity is not None:
             data["integrity-details"] = {
                 "checks": dict(self.integrity.checks),

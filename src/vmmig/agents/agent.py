@@ -210,6 +210,7 @@ def _source(options: AgentOptions, monitor: QEMUMonitorProtocol, control: _Contr
             result = engine.finish()
             control.emit("sent", normal=result.normal, zero=result.zero,
                          **{"sent-bytes": result.sent_bytes, "downtime": result.downtime,
+                            "downtime-memory": result.memory_downtime,
                             "total-pages": result.total_pages})
             if session is not None:
                 control.expect("seal")

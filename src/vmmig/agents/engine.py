@@ -144,6 +144,8 @@ class SourceResult:
     sent_bytes: int
     downtime: float
     total_pages: int
+    #: The part of ``downtime`` that sent the last pages (the rest moved the vCPU state).
+    memory_downtime: float = 0.0
 
 
 def _map(path: str, size: int, *, writable: bool) -> mmap.mmap:
@@ -234,7 +236,7 @@ class SourceEngine:
         self.batcher = pages
         self.rounds: list[RoundStats] = []
         self._dirty = np.arange(self.total_pages, dtype=np.uint64)
-        self._stopped_at = 0.0
+        self._stopped_at = self._memory_sent_at = 0.0
 
     def precopy(self) -> RoundStats:
         """Send rounds while the guest runs, until the policy stops; returns the last round.
@@ -280,6 +282,7 @@ class SourceEngine:
         pages = np.union1d(self._dirty, last)
         # Stop-and-copy runs at full speed: the guest is down.
         _send_pages(self.channel, self.batcher, pages)
+        self._memory_sent_at = time.monotonic()
         return len(pages)
 
     def finish(self) -> SourceResult:
@@ -300,7 +303,7 @@ class SourceEngine:
             raise MigrationFailed(f"target: {message.get('reason', kind.name)}")
         return SourceResult(tuple(self.rounds), self.batcher.normal, self.batcher.zero,
                             self.channel.bytes_sent, time.monotonic() - self._stopped_at,
-                            self.total_pages)
+                            self.total_pages, self._memory_sent_at - self._stopped_at)
 
     def close(self) -> None:
         """Stop dirty logging and the guest's throttle (the mappings go with their last view)."""

@@ -168,6 +168,10 @@ async def transfer_cpu_state(migration: Migration) -> None:
     await target.expect("received", STEP_TIMEOUT)
     rounds: _Rounds = migration.scratch["rounds"]
     migration.downtime_ms = int(float(sent["downtime"]) * 1000)
+    memory_ms = int(float(sent["downtime-memory"]) * 1000)
+    migration.downtime_parts = {"memory": memory_ms,
+                                "cpu-state": migration.downtime_ms - memory_ms}
+    migration.scratch["state-moved-at"] = time.monotonic()
     rounds.transferred = int(sent["sent-bytes"])
     migration.ram = attrs.evolve(
         migration.ram, transferred=rounds.transferred, remaining=0,
@@ -204,6 +208,11 @@ async def commit_mh(migration: Migration) -> None:
     await target.command("commit")
     await target.expect("committed", STEP_TIMEOUT)
     migration.commit()
+    # The guest was down while the MHs checked and committed: that is downtime too.
+    commit_ms = int((time.monotonic() - migration.scratch["state-moved-at"]) * 1000)
+    migration.downtime_parts["commit"] = commit_ms
+    if migration.downtime_ms is not None:
+        migration.downtime_ms += commit_ms
     await source.expect("committed", STEP_TIMEOUT)
     migration.record_check("source-retired", "the target's receipt retired the source's MH")
     await source.expect("done", STEP_TIMEOUT)
