@@ -29,6 +29,9 @@ from vmmig.core.phases import Phase
 
 VMMIG = [sys.executable, "-m", "vmmig"]
 MEMORY = "64M"
+#: A migrated regs guest's own verdict on its register chain, as the report words it.
+CHAIN_VERDICT = ("the guest's own check: the register chain runs on unbroken across the "
+                 "migration")
 #: What each attack on the sealed records is refused as, by the target's MH.
 REFUSALS = {"flip": "AUTH_FAILED", "drop": "OUT_OF_ORDER", "replay": "REPLAY",
             "swap": "AUTH_FAILED", "truncate": "MISMATCH", "splice": "AUTH_FAILED"}
@@ -81,6 +84,8 @@ class TestLiveMigration:
         if workload == "ab":
             assert checks["a-b"] == ("the guest's own check passed on every page, 2 passes "
                                      "after resume")
+        if workload == "regs":
+            assert checks["register-chain"] == CHAIN_VERDICT
         assert report["ram"]["duplicate"] == 0, "the host learnt which pages are zero"
         assert report["ram"]["transferred"] >= 15 << 20
         assert "attestation" in result.stdout
@@ -120,6 +125,8 @@ class TestLiveMigration:
         assert checks["guest-running"].startswith("guest running, writing its memory")
         if workload == "ab":
             assert checks["a-b"].startswith("the guest's own check passed on every page")
+        else:
+            assert checks["register-chain"] == CHAIN_VERDICT
         parts = report["downtime-parts"]
         assert set(parts) == {"memory", "cpu-state", "commit"}
         assert sum(parts.values()) == report["downtime"]

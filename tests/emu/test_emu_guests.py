@@ -36,6 +36,7 @@ from vmmig.guests.emu.regs_check import (
     regs_checkpoints,
 )
 from vmmig.platforms.emu import vcpu
+from vmmig.platforms.emu.guest_checks import CHAIN_BROKEN, CHAIN_INTACT, watch_regs_chain
 from vmmig.platforms.emu.vcpu import Vcpu, VcpuState, tsc_hz
 
 
@@ -154,8 +155,12 @@ def corrupt(field: str):
 class TestRegs:
     """The register chain survives a save/load of the VMSA, and breaks when a register changes."""
 
-    def migrate(self, machine, change=lambda vmsa: vmsa):
-        """Run regs, pause, move its VMSA (changed) to a fresh vCPU, run on, pause."""
+    def migrate(self, machine, change=lambda vmsa: vmsa, verdicts=None):
+        """Run regs, pause, move its VMSA (changed) to a fresh vCPU, run on, pause.
+
+        :param verdicts: a list that gets the guest's own verdict on its chain
+            (:mod:`vmmig.platforms.emu.guest_checks`), printed on its new console.
+        """
         ram, first, console = machine("regs")
         first.run_thread()
         console.wait_for(".", 2)
@@ -168,19 +173,26 @@ class TestRegs:
         second = Vcpu(9, ram, on_port_write=second_console.write)
         try:
             second.load_vmsa(change(saved))
+            watch = watch_regs_chain(ram, second_console)
             second.run_thread()
             second_console.wait_for(".", 2)
+            watch.join(30)
             second.pause()
         finally:
             second.stop()
+        if verdicts is not None:
+            printed = second_console.counts()
+            verdicts += [mark for mark in (CHAIN_INTACT, CHAIN_BROKEN) if printed.get(mark)]
         assert regs_checkpoints(ram) >= before + 16
         return ram, before
 
     def test_chain_survives_a_fresh_vcpu(self, machine):
         """Registers saved, loaded into a new vCPU and run on keep the chain intact."""
-        ram, before = self.migrate(machine)
+        verdicts: list[str] = []
+        ram, before = self.migrate(machine, verdicts=verdicts)
         result = check_regs_chain(ram, since=before - 1)
         assert result.ok, result.detail
+        assert verdicts == [CHAIN_INTACT], "the guest's own check agrees"
         assert result.verified == result.checkpoints - before
         whole = check_regs_chain(ram)
         assert whole.ok, whole.detail
@@ -188,9 +200,11 @@ class TestRegs:
     @pytest.mark.parametrize("register", ["r13", "rbx", "r15", "xmm7", "xmm0"])
     def test_one_changed_register_breaks_the_chain(self, machine, register):
         """One bit flipped in one register between save and load breaks the chain right there."""
-        ram, before = self.migrate(machine, corrupt(register))
+        verdicts: list[str] = []
+        ram, before = self.migrate(machine, corrupt(register), verdicts)
         result = check_regs_chain(ram, since=before - 1)
         assert not result.ok
+        assert verdicts == [CHAIN_BROKEN], "the guest's own check catches it too"
         # One later if the pause fell inside the checkpoint code, after the state was stored.
         assert result.first_bad in (before, before + 1), result.detail
         assert not check_regs_chain(ram).ok

@@ -6,7 +6,9 @@ serial port.  A guest that runs and does not halt writes its memory; one
 that halts shows it ran by its state alone.  The ``ab`` guest checks the
 a-b rule itself on every page it increments and prints a mark per pass
 (``B``), or ``X`` before it halts on a page out of step: two marks after a
-resume mean a whole pass found memory as it should be.
+resume mean a whole pass found memory as it should be.  A migrated ``regs``
+guest checks its register chain across the migration and prints ``V`` or
+``X`` (:mod:`.guest_checks`).
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+from vmmig.platforms.emu.guest_checks import CHAIN_BROKEN, CHAIN_INTACT
 from vmmig.platforms.emu.machine_process import EmuMachine
 from vmmig.workloads import PROGRESS_TIMEOUT, guest_halts
 
 
-__all__ = ["wait_ab_passes", "wait_guest_writes"]
+__all__ = ["console_marks", "wait_ab_passes", "wait_guest_writes", "wait_regs_verdict"]
 
 #: How often the dirty log is read.
 _POLL = 0.05
@@ -46,17 +49,43 @@ async def wait_guest_writes(machine: EmuMachine, workload: str,
     return False, f"guest wrote nothing for {timeout:.0f} s"
 
 
-async def wait_ab_passes(machine: EmuMachine, passes: int = 2,
+async def console_marks(machine: EmuMachine) -> dict[str, int]:
+    """What the guest has printed so far (a baseline to take before resuming it)."""
+    counts: dict[str, int] = (await machine.execute("x-query-console"))["counts"]
+    return counts
+
+
+async def wait_ab_passes(machine: EmuMachine, before: dict[str, int], passes: int = 2,
                          timeout: float = PROGRESS_TIMEOUT) -> tuple[bool, str]:
-    """Wait for ``passes`` more pass marks of the ab guest's own a-b check; (ok, detail)."""
-    before = (await machine.execute("x-query-console"))["counts"]
+    """Wait for ``passes`` more pass marks of the ab guest's own a-b check than ``before``
+    (:func:`console_marks` before the resume); (ok, detail)."""
+    return await _wait_marks(
+        machine, before, "B", passes, timeout,
+        ok=f"the guest's own check passed on every page, {passes} passes after resume",
+        broken="the guest's own check found a page out of step and halted",
+        late=f"the guest completed no {passes} passes in {timeout:.0f} s after resume")
+
+
+async def wait_regs_verdict(machine: EmuMachine, before: dict[str, int],
+                            timeout: float = PROGRESS_TIMEOUT) -> tuple[bool, str]:
+    """Wait for a migrated regs guest's own verdict on its register chain, printed since
+    ``before`` (:func:`console_marks` before the resume); (ok, detail)."""
+    return await _wait_marks(
+        machine, before, CHAIN_INTACT, 1, timeout,
+        ok="the guest's own check: the register chain runs on unbroken across the migration",
+        broken="the guest's own check: the register chain broke across the migration",
+        late=f"the guest gave no verdict on its register chain in {timeout:.0f} s")
+
+
+async def _wait_marks(machine: EmuMachine, before: dict[str, int], good: str, count: int,
+                      timeout: float, *, ok: str, broken: str, late: str) -> tuple[bool, str]:
+    """Wait until the console shows ``count`` more ``good`` marks (ok) or one more ``X``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        counts = (await machine.execute("x-query-console"))["counts"]
-        if counts.get("X", 0) > before.get("X", 0):
-            return False, "the guest's own check found a page out of step and halted"
-        if counts.get("B", 0) >= before.get("B", 0) + passes:
-            return True, (f"the guest's own check passed on every page, {passes} passes after "
-                          "resume")
+        counts = await console_marks(machine)
+        if counts.get(CHAIN_BROKEN, 0) > before.get(CHAIN_BROKEN, 0):
+            return False, broken
+        if counts.get(good, 0) >= before.get(good, 0) + count:
+            return True, ok
         await asyncio.sleep(_POLL)
-    return False, f"the guest completed no {passes} passes in {timeout:.0f} s after resume"
+    return False, late

@@ -69,6 +69,7 @@ import base64
 import binascii
 import mmap
 import re
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final, Literal
@@ -92,6 +93,7 @@ from vmmig.guests.emu import (
 from vmmig.guests.emu.regs_check import ENTRY_SIZE
 from vmmig.platforms.emu.console import SerialConsole
 from vmmig.platforms.emu.dirtylog import DirtyLog, open_dirty_log
+from vmmig.platforms.emu.guest_checks import watch_regs_chain
 from vmmig.platforms.emu.guest_cpus import VcpuStates
 from vmmig.platforms.emu.memory import GuestMemory
 from vmmig.platforms.emu.mh_layout import MhReservation, load_firmware
@@ -267,6 +269,8 @@ class Machine:
                                       shared_path=config.run_dir / f"{config.name}.shared")
         #: What the guest printed on COM1 (its progress marks).
         self.console = SerialConsole()
+        #: A migrated regs guest's own check of its chain (:mod:`.guest_checks`).
+        self._chain_watch: threading.Thread | None = None
         self.shared_pages = SharedPages(self.memory, dirty_log=lambda: self._dirty_log,
                                         # on_event is rebound once the QMP server runs
                                         emit=lambda event, data: self.on_event(event, data))  # noqa: PLW0108
@@ -359,6 +363,10 @@ class Machine:
             return
         if self.mh is not None:
             self.mh.check_may_run()
+        if self.mh is not None and self.mh.target and self._chain_watch is None and \
+                self.config.workload == "regs":
+            # A migrated regs guest's first run: it checks its chain across the move.
+            self._chain_watch = watch_regs_chain(self.memory.ram, self.console)
         self._resume_vcpus()
         self.status = "running"
         self.on_event("RESUME", None)

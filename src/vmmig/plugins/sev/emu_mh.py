@@ -8,8 +8,9 @@ cannot compare memory: the MHs do (the sealed manifest carries every
 page's final version and a digest of guest RAM, checked by the target MH
 before it may commit).  An SEV guest's registers are the hypervisor's to
 read and set, so they move as for ``plain`` and are compared directly.
-After the resume the host sees the guest write (its dirty log) and, for
-``ab``, the guest's own check of the a-b rule pass on its console.
+After the resume the host sees the guest write (its dirty log) and, on its
+console, the guest's own checks: ``ab``'s of the a-b rule, ``regs``'s of its
+register chain across the migration.
 """
 
 from __future__ import annotations
@@ -30,7 +31,12 @@ from vmmig.agents.orchestrator import (
 )
 from vmmig.errors import MigrationFailed, PlatformError
 from vmmig.migration import Migration
-from vmmig.platforms.emu.guest_activity import wait_ab_passes, wait_guest_writes
+from vmmig.platforms.emu.guest_activity import (
+    console_marks,
+    wait_ab_passes,
+    wait_guest_writes,
+    wait_regs_verdict,
+)
 from vmmig.platforms.emu.machine_process import EmuMachine
 from vmmig.platforms.emu.platform import EmuPlatform
 from vmmig.plugins.sev.registers import compare_registers
@@ -86,12 +92,16 @@ async def finalize(migration: Migration) -> None:
     """The target's MH commits, the target resumes and runs; the retired source ends."""
     source, target = machines(migration)
     await commit_mh(migration)
+    printed = await console_marks(target)
     await target.cont()
     ok, detail = await wait_guest_writes(target, migration.plan.workload)
     migration.record_check("guest-running", detail, ok=ok)
     if ok and migration.plan.workload == "ab":
-        ok, detail = await wait_ab_passes(target)
+        ok, detail = await wait_ab_passes(target, printed)
         migration.record_check("a-b", detail, ok=ok)
+    if ok and migration.plan.workload == "regs":
+        ok, detail = await wait_regs_verdict(target, printed)
+        migration.record_check("register-chain", detail, ok=ok)
     await source.shutdown()
 
 
