@@ -28,10 +28,10 @@ from vmmig.platforms.emu.platform import EmuPlatform
 
 
 #: The attacks :class:`HostileProxy` knows: on PAGES frame ``at`` (0-based), or on the
-#: CPU_STATE frames (``cpu-``: replay the first, swap the first two, splice in another
-#: migration's first, drop the last).
+#: CPU_STATE frames (``cpu-``: flip a bit of the first, replay it, swap the first two,
+#: splice in another migration's first, drop the last).
 ATTACKS = ("flip", "drop", "replay", "swap", "truncate", "splice",
-           "cpu-replay", "cpu-swap", "cpu-splice", "cpu-drop")
+           "cpu-flip", "cpu-replay", "cpu-swap", "cpu-splice", "cpu-drop")
 _HEADER_SIZE = FRAME_HEADER.size
 
 
@@ -127,6 +127,10 @@ class HostileProxy:
         self.cpu_states.append(bytes(frame))
         attack = self.attack or ""
         if not attack.startswith("cpu-"):
+            self._send(target, frame)
+        elif attack == "cpu-flip" and index == 0:
+            self.attacked = True
+            frame[len(frame) // 2] ^= 0x10  # a register's bits, in transit
             self._send(target, frame)
         elif attack == "cpu-replay" and index == 0:
             self.attacked = True

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import mmap
+import os
 from pathlib import Path
 
+import attrs
 import numpy as np
 import pytest
 from mh_host_support import MailboxHost, inject_master_secret
@@ -32,6 +34,7 @@ from vmmig.firmware.abi import (
     OpenSessionRequest,
     Role,
     Status,
+    VcpuIndex,
     pack_export_request,
 )
 from vmmig.firmware.image import FIRMWARE_GPA, builtin_image
@@ -339,3 +342,54 @@ def test_large_guests_get_larger_records_and_the_mailbox_fits_them(memory, batch
     assert layout.slot_capacity >= HEADER_SIZE + page_record_size(batch)
     assert reservation.reserved_size >= layout.region_size
     assert reservation.mailbox_gpa % (2 * MIB) == 0
+
+
+@pytest.mark.parametrize("tech", ["sev-es", "sev"])
+def test_a_secret_in_a_register_crosses_the_host_only_sealed_on_sev_es(make, tech):
+    """A secret the guest keeps in a register of its stopped vCPU: on SEV-ES the
+    hypervisor may not read it, nothing the host reads from the source's mailbox or
+    hands to the target's holds it, and the target's vCPU has it after COMMIT.  On SEV
+    the hypervisor's own register export shows it (the search can find it)."""
+    canary = int.from_bytes(os.urandom(8), "little") | 1 << 63
+    source, source_owner = make("src", tech=tech)
+    target, target_owner = make("dst", "host-b", incoming=True, mh_target=True, tech=tech)
+    src_host = started(source, source_owner)
+    qmp(source, "cont")
+    assert source.console.wait_for("B", 1, TIMEOUT), source.console.text
+    dst_host = started(target, target_owner)
+    relayed = bytearray()  # everything the host carries from one MH to the other
+    try:
+        open_session(src_host, dst_host)
+        qmp(source, "stop")
+        vcpu = source.vcpus[0]
+        vcpu.load_vmsa(attrs.evolve(vcpu.vmsa, r12=canary))  # the guest keeps its secret
+        if tech == "sev":
+            exported = base64.b64decode(qmp(source, "x-vcpu-state-export")[0])
+            assert canary.to_bytes(8, "little") in exported
+            return
+        with pytest.raises(QmpCommandError, match="out of the hypervisor's reach"):
+            qmp(source, "x-vcpu-state-export")
+        ram_pages = qmp(source, "x-query-mh")["mailbox-gpa"] // PAGE_SIZE
+        batch = src_host.layout.max_batch_pages
+        for first in range(0, ram_pages, batch):
+            gpas = np.arange(first, min(first + batch, ram_pages), dtype=np.uint64) * PAGE_SIZE
+            record = ok(src_host.call(Command.EXPORT_PAGES, pack_export_request(gpas))).payload
+            relayed += record
+            ok(dst_host.call(Command.IMPORT_PAGES, record))
+        for index in range(len(source.vcpus)):
+            record = ok(src_host.call(Command.EXPORT_CPU_STATE, VcpuIndex(index).pack())).payload
+            relayed += record
+            ok(dst_host.call(Command.IMPORT_CPU_STATE, record))
+        sealed = ok(src_host.call(Command.MANIFEST)).payload
+        relayed += sealed
+        ok(dst_host.call(Command.MANIFEST, sealed))
+        assert target.vcpus[0].vmsa.r12 != canary, "no register before COMMIT"
+        receipt = ok(dst_host.call(Command.COMMIT)).payload
+        ok(src_host.call(Command.COMMIT, receipt))
+    finally:
+        src_host.close()
+        dst_host.close()
+    assert canary.to_bytes(8, "little") not in relayed
+    assert target.vcpus[0].vmsa.r12 == canary
+    with pytest.raises(QmpCommandError, match="out of the hypervisor's reach"):
+        qmp(target, "x-vcpu-state-export")
