@@ -35,7 +35,8 @@ ATTACKS = ("flip", "drop", "replay", "swap", "truncate", "splice",
 _HEADER_SIZE = FRAME_HEADER.size
 
 
-def _read(sock: socket.socket, size: int) -> bytearray:
+def read_exactly(sock: socket.socket, size: int) -> bytearray:
+    """``size`` bytes from ``sock``; EOFError if it closes first."""
     data = bytearray()
     while len(data) < size:
         chunk = sock.recv(size - len(data))
@@ -108,9 +109,9 @@ class HostileProxy:
 
     def _forward(self, source: socket.socket, target: socket.socket) -> None:
         while True:
-            header = _read(source, _HEADER_SIZE)
+            header = read_exactly(source, _HEADER_SIZE)
             kind, length = FRAME_HEADER.unpack(header)[2:4]
-            frame = header + _read(source, length)
+            frame = header + read_exactly(source, length)
             if self.attack == "truncate":
                 self._truncating(target, kind, frame)
             elif kind == FrameKind.PAGES:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from mh_fake import FakeMh, FakeMonitor, guest_ram
 
+from hostile_proxy import read_exactly
 from vmmig.agents import agent
 from vmmig.agents.agent import AgentOptions
 from vmmig.agents.engine import run_source
@@ -39,24 +40,15 @@ class TamperProxy:
         for thread in self._threads:
             thread.start()
 
-    def _read(self, sock: socket.socket, size: int) -> bytearray:
-        data = bytearray()
-        while len(data) < size:
-            chunk = sock.recv(size - len(data))
-            if not chunk:
-                raise EOFError
-            data += chunk
-        return data
-
     def _forward(self) -> None:
         # From a PAGES frame on, frames wait until the next PAGES or CPU_STATE frame
         # says whether that PAGES frame was the stream's last.
         pages, held = 0, []
         with contextlib.suppress(EOFError, OSError):
             while True:
-                header = self._read(self._from_source, FRAME_HEADER.size)
+                header = read_exactly(self._from_source, FRAME_HEADER.size)
                 _, _, kind, length, _ = FRAME_HEADER.unpack(header)
-                frame = header + self._read(self._from_source, length)
+                frame = header + read_exactly(self._from_source, length)
                 if kind in (FrameKind.PAGES, FrameKind.CPU_STATE) and held:
                     if self.frame == "last" and kind == FrameKind.CPU_STATE:
                         self._flip(held[0])

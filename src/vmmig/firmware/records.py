@@ -48,6 +48,7 @@ in the nonce: one counter for several kinds repeats no (key, nonce) pair.)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 import attrs
@@ -179,18 +180,7 @@ class RecordSealer(_PageStream):
             np.take(self.memory, frames[nonzero], axis=0, out=pages[:kept], mode="clip")
             pages[kept:] = 0
         body = memoryview(self._scratch)[: page_body_length(count)]
-        size = envelope.seal_into(
-            self._aead,
-            out,
-            kind=_KIND,
-            direction=_DIRECTION,
-            session_id=self.session_id,
-            seq=self.next_seq,
-            entries=self._next_entries(gpas, frames),
-            plaintext=body,
-        )
-        self.next_seq += 1
-        return size
+        return self._seal_next(out, _KIND, self._next_entries(gpas, frames), [body])
 
     def _seal_run(self, gpas: npt.NDArray[np.uint64], frames: npt.NDArray[np.intp],
                   out: memoryview) -> int:
@@ -198,18 +188,8 @@ class RecordSealer(_PageStream):
         the pages instead of three (gather, zero test, seal); the same format."""
         count = len(frames)
         run = self.memory[int(frames[0]):int(frames[0]) + count].reshape(-1)
-        size = envelope.seal_parts_into(
-            self.key,
-            out,
-            kind=_KIND,
-            direction=_DIRECTION,
-            session_id=self.session_id,
-            seq=self.next_seq,
-            entries=self._next_entries(gpas, frames),
-            parts=[bytes(bitmap_bytes(count)), run.data],
-        )
-        self.next_seq += 1
-        return size
+        return self._seal_next(out, _KIND, self._next_entries(gpas, frames),
+                               [bytes(bitmap_bytes(count)), run.data])
 
     def _next_entries(self, gpas: npt.NDArray[np.uint64], frames: npt.NDArray[np.intp]
                       ) -> npt.NDArray[np.void]:
@@ -223,15 +203,21 @@ class RecordSealer(_PageStream):
     def seal_body_into(self, kind: RecordKind, body: bytes, out: memoryview) -> int:
         """Seal ``body`` into ``out`` as the next record, of ``kind`` and without
         entries; return its size."""
-        size = envelope.seal_into(
-            self._aead,
+        return self._seal_next(out, kind, None, [body])
+
+    def _seal_next(self, out: memoryview, kind: RecordKind,
+                   entries: npt.NDArray[np.void] | None,
+                   parts: Sequence[bytes | memoryview]) -> int:
+        """Seal the body ``parts`` into ``out`` as the stream's next record; its size."""
+        size = envelope.seal_parts_into(
+            self.key,
             out,
             kind=kind,
             direction=_DIRECTION,
             session_id=self.session_id,
             seq=self.next_seq,
-            entries=None,
-            plaintext=body,
+            entries=entries,
+            parts=parts,
         )
         self.next_seq += 1
         return size

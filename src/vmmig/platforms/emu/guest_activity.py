@@ -21,7 +21,8 @@ from vmmig.platforms.emu.machine_process import EmuMachine
 from vmmig.workloads import PROGRESS_TIMEOUT, guest_halts
 
 
-__all__ = ["console_marks", "wait_ab_passes", "wait_guest_writes", "wait_regs_verdict"]
+__all__ = ["console_marks", "resume_and_watch", "wait_ab_passes", "wait_guest_writes",
+           "wait_regs_verdict"]
 
 #: How often the dirty log is read.
 _POLL = 0.05
@@ -89,3 +90,24 @@ async def _wait_marks(machine: EmuMachine, before: dict[str, int], good: str, co
             return True, ok
         await asyncio.sleep(_POLL)
     return False, late
+
+
+async def resume_and_watch(machine: EmuMachine, workload: str, *, chain_verdict: bool
+                           ) -> list[tuple[str, str, bool]]:
+    """Resume a migrated encrypted guest and watch what its host can: its writes, and
+    the guest's own checks on the console (ab's passes; with ``chain_verdict``, a regs
+    guest's verdict, which only an MH target's guest gives).
+
+    :returns: the checks as (name, detail, ok), stopping at the first that fails.
+    """
+    printed = await console_marks(machine)
+    await machine.cont()
+    ok, detail = await wait_guest_writes(machine, workload)
+    checks = [("guest-running", detail, ok)]
+    if ok and workload == "ab":
+        ok, detail = await wait_ab_passes(machine, printed)
+        checks.append(("a-b", detail, ok))
+    elif ok and workload == "regs" and chain_verdict:
+        ok, detail = await wait_regs_verdict(machine, printed)
+        checks.append(("register-chain", detail, ok))
+    return checks

@@ -31,12 +31,7 @@ from vmmig.agents.orchestrator import (
 )
 from vmmig.errors import MigrationFailed, PlatformError
 from vmmig.migration import Migration
-from vmmig.platforms.emu.guest_activity import (
-    console_marks,
-    wait_ab_passes,
-    wait_guest_writes,
-    wait_regs_verdict,
-)
+from vmmig.platforms.emu.guest_activity import resume_and_watch
 from vmmig.platforms.emu.machine_process import EmuMachine
 from vmmig.platforms.emu.platform import EmuPlatform
 from vmmig.plugins.sev.registers import compare_registers
@@ -92,16 +87,9 @@ async def finalize(migration: Migration) -> None:
     """The target's MH commits, the target resumes and runs; the retired source ends."""
     source, target = machines(migration)
     await commit_mh(migration)
-    printed = await console_marks(target)
-    await target.cont()
-    ok, detail = await wait_guest_writes(target, migration.plan.workload)
-    migration.record_check("guest-running", detail, ok=ok)
-    if ok and migration.plan.workload == "ab":
-        ok, detail = await wait_ab_passes(target, printed)
-        migration.record_check("a-b", detail, ok=ok)
-    if ok and migration.plan.workload == "regs":
-        ok, detail = await wait_regs_verdict(target, printed)
-        migration.record_check("register-chain", detail, ok=ok)
+    for name, detail, ok in await resume_and_watch(target, migration.plan.workload,
+                                                   chain_verdict=True):
+        migration.record_check(name, detail, ok=ok)
     await source.shutdown()
 
 
